@@ -1,0 +1,150 @@
+"""Log-probs of scored tokens only, in chunks, never materialising [tokens x vocab] (DESIGN.md section 1).
+
+``scored_token_logprobs`` computes, for hidden states ``h [S, H]`` and targets ``t [S]``::
+
+    logp[s] = log_softmax(transform(h[s] @ W.T + b))[t[s]]        (fp32)
+
+chunk by chunk. Its backward recomputes each chunk's logits instead of keeping them, so forward
+and backward hold at most one chunk's ``[chunk, V]`` logits at a time. ``score_responses``
+gathers the scored positions of a batch and sums them per response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixpo.layout import Batch
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
+    """fp32 logits ``[N, V]`` of hidden states ``[N, H]``, with the model's logit transform."""
+    logits = F.linear(hidden, weight, bias).float()
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class _ScoredTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, scale):
+        dtype = _compute_dtype(hidden, weight)
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logps)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                end = start + chunk_size
+                logits = head_logits(hidden[start:end].to(dtype), w, b, softcap, scale)
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+                logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.options = (chunk_size, softcap, scale, dtype)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        chunk_size, softcap, scale, dtype = ctx.options
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            h = hidden[start:end].to(dtype)
+            g = grad_logps[start:end].float()
+            logits = head_logits(h, w, b, softcap, scale)
+            # d logp / d logits = onehot(target) - softmax(logits)
+            grad = torch.exp(logits - lse[start:end, None]).mul_(-g[:, None])
+            grad.scatter_add_(1, targets[start:end, None], g[:, None])
+            if softcap is not None:  # logits = c * tanh(x / c)  =>  d/dx = 1 - (logits / c)^2
+                grad.mul_(1.0 - (logits / softcap) ** 2)
+            if scale is not None:
+                grad.mul_(scale)
+            del logits
+            grad = grad.to(dtype)
+            if need_hidden:
+                grad_hidden[start:end] = (grad @ w).to(hidden.dtype)
+            if need_weight:
+                grad_weight.add_(grad.t() @ h)
+            if need_bias:
+                grad_bias.add_(grad.sum(0))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def scored_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          bias: torch.Tensor | None = None, softcap: float | None = None,
+                          scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """fp32 log-probs ``[S]`` of ``targets [S]`` under hidden states ``[S, H]``, ``chunk_size`` tokens at a time."""
+    if chunk_size < 1:
+        raise ValueError(f"logps_chunk_size must be a positive number of tokens, got {chunk_size}")
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden states for {targets.shape[0]} targets")
+    return _ScoredTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, softcap, scale)
+
+
+@dataclass
+class ResponseLogps:
+    """Per-response results, in the batch's response order. ``sums``, ``means``: fp32 ``[R]``;
+    ``counts``: scored tokens per response ``[R]``; ``token_logps``: fp32 ``[S]``."""
+
+    sums: torch.Tensor
+    means: torch.Tensor
+    counts: torch.Tensor
+    token_logps: torch.Tensor
+
+
+def reduce_per_response(token_logps: torch.Tensor, batch: Batch) -> ResponseLogps:
+    """Sum token log-probs ``[S]`` into their responses.
+
+    >>> from prefixpo.layout import Group, collate_groups
+    >>> batch = collate_groups([Group([1], [[2, 3], [4]])])
+    >>> reduce_per_response(torch.tensor([-1.0, -2.0, -0.5]), batch).sums.tolist()
+    [-3.0, -0.5]
+    """
+    counts = batch.response_lengths.to(token_logps.device)
+    sums = torch.zeros(counts.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    sums = sums.index_add(0, batch.scored_response.to(token_logps.device), token_logps)
+    return ResponseLogps(sums=sums, means=sums / counts, counts=counts, token_logps=token_logps)
+
+
+def score_responses(model: nn.Module, hidden: torch.Tensor, batch: Batch,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> ResponseLogps:
+    """Per-response log-probs from final hidden states ``[rows, T, H]`` of ``batch``."""
+    from prefixpo.modeling import output_head
+
+    weight, bias, softcap, scale = output_head(model)
+    scored_hidden = hidden.reshape(-1, hidden.shape[-1])[batch.scored_index]
+    token_logps = scored_token_logprobs(scored_hidden, weight, batch.scored_targets, bias=bias,
+                                        softcap=softcap, scale=scale, chunk_size=chunk_size)
+    return reduce_per_response(token_logps, batch)
+
+
+def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ResponseLogps:
+    """The whole path: prefix-shared forward, then per-response log-probs."""
+    from prefixpo.modeling import forward_hidden
+
+    return score_responses(model, forward_hidden(model, batch, masks), batch, chunk_size)

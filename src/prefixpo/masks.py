@@ -1,0 +1,79 @@
+"""The attention rule, written once, and its two backends (DESIGN.md section 3).
+
+Polarity, everywhere in this package: **True means query q may attend to key k.**
+
+q sees k iff k is not after q, both are in the same document (group), k is in the prompt
+(segment 0) or in q's own response, and, for sliding-window layers, the positions of q and k
+are less than the window apart. Padding is a document of its own, so it never reaches a real
+token and no row is fully masked. For the group ``p p | a a | b``::
+
+        p p a a b
+    p   1 . . . .
+    p   1 1 . . .
+    a   1 1 1 . .
+    a   1 1 1 1 .
+    b   1 1 . . 1        <- b sees the prompt and itself, never its sibling a
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from prefixpo.layout import Batch
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def prefix_mask_mod(document_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor,
+                    sliding_window: int | None = None) -> MaskMod:
+    """The attention predicate ``(b, h, q, k) -> bool`` over ``[rows, T]`` layout tensors.
+
+    The same function serves FlexAttention (scalar index tensors) and the dense builder
+    (broadcast index tensors).
+    """
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        same_document = document_ids[b, q] == document_ids[b, k]
+        key_segment = segment_ids[b, k]
+        visible_segment = (key_segment == 0) | (key_segment == segment_ids[b, q])
+        allowed = (k <= q) & same_document & visible_segment
+        if sliding_window is not None:
+            allowed = allowed & (position_ids[b, q] - position_ids[b, k] < sliding_window)
+        return allowed
+
+    return mask_mod
+
+
+def dense_mask(batch: Batch, sliding_window: int | None = None) -> torch.Tensor:
+    """The rule as a dense boolean mask ``[rows, 1, T, T]`` (the SDPA backend and the test oracle)."""
+    rows, length = batch.shape
+    device = batch.input_ids.device
+    b = torch.arange(rows, device=device)[:, None, None]
+    q = torch.arange(length, device=device)[None, :, None]
+    k = torch.arange(length, device=device)[None, None, :]
+    mask_mod = prefix_mask_mod(batch.document_ids, batch.segment_ids, batch.position_ids, sliding_window)
+    return mask_mod(b, None, q, k)[:, None]  # type: ignore[arg-type]
+
+
+_compiled_create_block_mask = None
+
+
+def flex_block_mask(batch: Batch, sliding_window: int | None = None, block_size: int = 128):
+    """The rule as a FlexAttention ``BlockMask``; blocks with no allowed pair are skipped.
+
+    On CUDA the construction is compiled, so the dense [T, T] predicate is never materialised.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    global _compiled_create_block_mask
+    rows, length = batch.shape
+    device = batch.input_ids.device
+    mask_mod = prefix_mask_mod(batch.document_ids, batch.segment_ids, batch.position_ids, sliding_window)
+    build = create_block_mask
+    if device.type == "cuda":
+        if _compiled_create_block_mask is None:
+            _compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
+        build = _compiled_create_block_mask
+    return build(mask_mod, rows, None, length, length, device=device, BLOCK_SIZE=block_size)

@@ -1,0 +1,395 @@
+"""Wiring the prefix-sharing mask into Hugging Face causal LMs (DESIGN.md section 3).
+
+``apply_prefix_attention(model, backend)`` checks the model, gives it a config of its own and
+routes its attention through one of two functions registered with transformers'
+``AttentionInterface``:
+
+- ``prefixpo_dense``: a dense boolean mask through ``scaled_dot_product_attention`` (CPU
+  training, and the oracle in tests);
+- ``prefixpo_flex``: a FlexAttention ``BlockMask`` (the CUDA default; forward only on CPU).
+
+The mask always goes to the model explicitly, built by ``build_attention_masks`` from the
+batch, together with ``position_ids``: nothing relies on transformers guessing where packed
+sequences begin. Masks carry the sliding window they were built for, and the attention
+functions refuse a mask built for another window than the layer uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixpo.layout import Batch
+from prefixpo.masks import dense_mask, flex_block_mask
+
+BACKENDS = ("sdpa", "flex")
+ATTENTION_FUNCTIONS = {"sdpa": "prefixpo_dense", "flex": "prefixpo_flex"}
+
+# Architectures whose shared-layout log-probs and gradients are checked against separate
+# sequences in the test suite (tests/test_modeling.py).
+VERIFIED_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+})
+
+_WINDOW_TAG = "_prefixpo_sliding_window"
+_UNTAGGED = object()
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot run the prefix-shared layout; the message says what is missing."""
+
+
+# --- the attention functions ------------------------------------------------------------------
+
+def _check_mask(mask: Any, sliding_window: int | None, module: nn.Module) -> None:
+    built_for = getattr(mask, _WINDOW_TAG, _UNTAGGED)
+    if built_for is _UNTAGGED:
+        return  # a mask transformers built itself (plain generation); it is right for its layer
+    if built_for != sliding_window:
+        layer = getattr(module, "layer_idx", "?")
+        raise UnsupportedModelError(
+            f"layer {layer} uses sliding window {sliding_window} but received a prefixpo mask built for "
+            f"{built_for}; the model does not route per-layer masks as prefixpo expects")
+
+
+def _repeat_kv(x: torch.Tensor, num_query_heads: int) -> torch.Tensor:
+    repeats = num_query_heads // x.shape[1]
+    return x if repeats == 1 else x.repeat_interleave(repeats, dim=1)
+
+
+def dense_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    sliding_window: int | None = None, softcap: float | None = None,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention with a dense mask. ``query`` is ``[B, Hq, T, D]``; returns ``[B, T, Hq, D]``."""
+    if kwargs.get("s_aux") is not None:
+        raise UnsupportedModelError("attention sinks (s_aux) are not supported by prefixpo's attention")
+    _check_mask(attention_mask, sliding_window, module)
+    key = _repeat_kv(key, query.shape[1])
+    value = _repeat_kv(value, query.shape[1])
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale,
+            is_causal=attention_mask is None and query.shape[2] > 1)
+    else:  # logit soft-capping (Gemma 2) needs the scores themselves
+        scores = torch.matmul(query, key.transpose(2, 3)) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        if attention_mask is None:
+            attention_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        out = torch.matmul(probs, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+                   sliding_window: int | None = None, softcap: float | None = None,
+                   **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention with a FlexAttention ``BlockMask``. ``query`` is ``[B, Hq, T, D]``; returns ``[B, T, Hq, D]``."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex_attention
+
+    if kwargs.get("s_aux") is not None:
+        raise UnsupportedModelError("attention sinks (s_aux) are not supported by prefixpo's attention")
+    if dropout:
+        raise UnsupportedModelError("attention dropout is not supported with the flex backend; set the "
+                                    "model's attention_dropout to 0 or use attention_backend=sdpa")
+    if not isinstance(attention_mask, BlockMask):
+        raise UnsupportedModelError(
+            "the flex backend needs the BlockMask from prefixpo.modeling.build_attention_masks; for plain "
+            "generation call remove_prefix_attention(model) first")
+    _check_mask(attention_mask, sliding_window, module)
+    on_cpu = query.device.type == "cpu"
+    if on_cpu and torch.is_grad_enabled() and query.requires_grad:
+        raise RuntimeError("FlexAttention has no backward pass on CPU: train on CPU with attention_backend=sdpa")
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q, k):
+            return softcap * torch.tanh(score / softcap)
+    attend = eager_flex_attention if on_cpu else _compiled_flex_attention()
+    out = attend(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling,
+                 enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register_attention_functions() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_FUNCTIONS["sdpa"], dense_attention)
+    AttentionInterface.register(ATTENTION_FUNCTIONS["flex"], flex_attention)
+    try:  # plain calls (generation) get the usual causal masks
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask, sdpa_mask
+    except ImportError:
+        return
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_FUNCTIONS["sdpa"], sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_FUNCTIONS["flex"], flex_attention_mask)
+
+
+# --- checks and application -------------------------------------------------------------------
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The base model (embeddings, layers, final norm) that returns final hidden states."""
+    if hasattr(model, "get_base_model"):  # a PEFT wrapper
+        model = model.get_base_model()
+    prefix = getattr(model, "base_model_prefix", None)
+    base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) or base is model:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no base model under `{prefix}`: prefixpo needs a *ForCausalLM whose "
+            "base model returns the final hidden states")
+    return base
+
+
+def architecture_of(model: nn.Module) -> str:
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return type(model).__name__
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` naming what the model lacks for the prefix-shared layout."""
+    name = architecture_of(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise UnsupportedModelError(f"{name} is not a transformers PreTrainedModel")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder; prefixpo trains decoder-only causal LMs")
+    base = decoder_of(model)
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        raise UnsupportedModelError(f"{name}'s forward takes no position_ids, which every response needs "
+                                    "to restart at the prompt length")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{name} does not route attention through transformers' AttentionInterface, so it cannot take "
+            "the prefix-sharing mask (no `_supports_attention_backend`)")
+    for layer_type in getattr(config, "layer_types", None) or ():
+        if layer_type not in ("full_attention", "sliding_attention"):
+            raise UnsupportedModelError(f"{name} has layers of type {layer_type!r}; prefixpo supports "
+                                        "full_attention and sliding_attention layers")
+
+
+def _unshare_config(model: nn.Module) -> None:
+    """Give ``model`` (and every submodule holding it) a private copy of its config.
+
+    Policy and reference models loaded from one config object would otherwise switch their
+    attention together.
+    """
+    old = model.config
+    new = copy.deepcopy(old)
+    subconfigs = {id(old): new}
+    for key, value in vars(old).items():
+        if hasattr(value, "to_dict") and hasattr(new, key):
+            subconfigs[id(value)] = getattr(new, key)
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and id(cfg) in subconfigs:
+            module.config = subconfigs[id(cfg)]
+
+
+def _set_attention_function(model: nn.Module, name: str) -> None:
+    configs = [model.config] + [v for v in vars(model.config).values() if hasattr(v, "_attn_implementation")]
+    for cfg in configs:
+        cfg._attn_implementation = name
+
+
+def apply_prefix_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Route ``model``'s attention through prefixpo's mask (in place; returns the model).
+
+    ``backend`` is ``"sdpa"`` (dense mask), ``"flex"`` (BlockMask) or ``"auto"`` (flex on CUDA,
+    else sdpa). Architectures outside ``VERIFIED_ARCHITECTURES`` are checked once against
+    separate sequences before the switch (``self_check``), and refused if they differ.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backend = resolve_backend(backend, next(model.parameters()).device)
+    check_model(model)
+    check_output_head(target)
+    name = architecture_of(model)
+    if name not in VERIFIED_ARCHITECTURES:
+        from prefixpo.verify import self_check
+
+        warnings.warn(f"{name} is not among prefixpo's verified architectures; checking it against separate "
+                      "sequences once. Run `prefixpo verify --model ...` for the full check.", stacklevel=2)
+        self_check(target)
+    _register_attention_functions()
+    _unshare_config(target)
+    _set_attention_function(target, ATTENTION_FUNCTIONS[backend])
+    target._prefixpo_backend = backend
+    return model
+
+
+def remove_prefix_attention(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
+    """Give the model back a standard attention implementation (for generation)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _set_attention_function(target, attn_implementation)
+    target._prefixpo_backend = None
+    return model
+
+
+def backend_of(model: nn.Module) -> str:
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backend = getattr(target, "_prefixpo_backend", None)
+    if backend is None:
+        raise ValueError("the model has no prefix attention: call prefixpo.modeling.apply_prefix_attention first")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    if backend == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
+    return backend
+
+
+# --- masks and the forward pass ---------------------------------------------------------------
+
+def layer_windows(config: Any) -> dict[str, int | None]:
+    """The mask variants a model needs: layer type -> sliding window (None for full attention)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(layer_types)}
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    return {"full_attention": window}
+
+
+def build_attention_masks(model: nn.Module, batch: Batch, backend: str | None = None) -> Any:
+    """The masks for one batch: one mask, or a dict by layer type when layers differ.
+
+    Build once per batch and pass to every model that sees the batch (policy and reference).
+    """
+    backend = backend or backend_of(model)
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = getattr(config, "text_config", None) or config
+    windows = layer_windows(config)
+    build = flex_block_mask if backend == "flex" else dense_mask
+    by_window: dict[int | None, Any] = {}
+    for window in windows.values():
+        if window not in by_window:
+            mask = build(batch, sliding_window=window)
+            setattr(mask, _WINDOW_TAG, window)
+            by_window[window] = mask
+    masks = {layer_type: by_window[window] for layer_type, window in windows.items()}
+    if len(masks) == 1 and "sliding_attention" not in masks:
+        return next(iter(masks.values()))
+    return masks
+
+
+def forward_hidden(model: nn.Module, batch: Batch, masks: Any = None) -> torch.Tensor:
+    """Final hidden states ``[rows, T, hidden]`` of the batch under the prefix-sharing mask."""
+    if masks is None:
+        masks = build_attention_masks(model, batch)
+    out = decoder_of(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                            attention_mask=masks, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+# --- the output layer -------------------------------------------------------------------------
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None, float | None]:
+    """``(weight [V, H], bias [V] or None, softcap, scale)`` of the model's output layer.
+
+    Logits are ``softcap * tanh(scale * (h @ W.T + b) / softcap)``, with either step skipped
+    when its value is None: Gemma 2/3's ``final_logit_softcapping``, Cohere's ``logit_scale``
+    and Granite's ``logits_scaling`` (a divisor).
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = target.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise UnsupportedModelError(f"{type(target).__name__} has no output embedding (lm_head) to score tokens with")
+    config = getattr(target.config, "text_config", None) or target.config
+    scale = getattr(config, "logit_scale", None)
+    if getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return head.weight, getattr(head, "bias", None), softcap, scale
+
+
+@torch.no_grad()
+def check_output_head(model: nn.Module, num_tokens: int = 6) -> None:
+    """Check that ``output_head`` reproduces the model's own logits, so no transform is missed."""
+    from prefixpo.logprobs import head_logits
+
+    param = next(model.parameters())
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, num_tokens), generator=torch.Generator().manual_seed(0)).to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    finally:
+        model.train(was_training)
+    expected = out.logits[0].float()
+    got = head_logits(out.hidden_states[-1][0], *output_head(model))
+    tolerance = 1e-3 if param.dtype == torch.float32 else 5e-2
+    error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1.0)
+    if not error <= tolerance:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} transforms its logits after the output layer in a way prefixpo does not "
+            f"know (relative difference {error:.2e}); supported transforms: final_logit_softcapping, "
+            "logit_scale, logits_scaling")
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str = "cpu", seed: int = 0,
+                   trust_remote_code: bool = False) -> nn.Module:
+    """A causal LM from a hub name, a local directory, or a config JSON (random weights from ``seed``).
+
+    The model is loaded with eager attention, the most literal form of the standard recipe.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if name_or_path.endswith(".json") and os.path.isfile(name_or_path):
+        with open(name_or_path) as f:
+            config_dict = json.load(f)
+        model_type = config_dict.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"{name_or_path} has no `model_type`; a config JSON must name its model type "
+                             "(for example \"llama\")")
+        config = AutoConfig.for_model(model_type, **config_dict)
+        config._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="eager")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype],
+                                                     attn_implementation="eager", use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    return model.to(device)
