@@ -223,7 +223,7 @@ def _set_attention_function(model: nn.Module, name: str) -> None:
         cfg._attn_implementation = name
 
 
-def apply_prefix_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
+def apply_prefix_attention(model: nn.Module, backend: str = "auto", self_check: bool = True) -> nn.Module:
     """Route ``model``'s attention through prefixpo's mask (in place; returns the model).
 
     ``backend`` is ``"sdpa"`` (dense mask), ``"flex"`` (BlockMask) or ``"auto"`` (flex on CUDA,
@@ -235,12 +235,12 @@ def apply_prefix_attention(model: nn.Module, backend: str = "auto") -> nn.Module
     check_model(model)
     check_output_head(target)
     name = architecture_of(model)
-    if name not in VERIFIED_ARCHITECTURES:
-        from prefixpo.verify import self_check
+    if self_check and name not in VERIFIED_ARCHITECTURES:
+        from prefixpo.verify import self_check as check_against_separate
 
         warnings.warn(f"{name} is not among prefixpo's verified architectures; checking it against separate "
                       "sequences once. Run `prefixpo verify --model ...` for the full check.", stacklevel=2)
-        self_check(target)
+        check_against_separate(target)
     _register_attention_functions()
     _unshare_config(target)
     _set_attention_function(target, ATTENTION_FUNCTIONS[backend])

@@ -1,0 +1,261 @@
+"""``prefixpo verify``: check on a given model that the shared layout equals separate sequences.
+
+It draws random groups, computes every response's summed log-prob and the gradient of a
+DPO-style loss twice -- once the standard way (each prompt+response its own sequence, the
+model's own forward and logits) and once through prefixpo (one shared sequence per group) --
+and compares them. Exit 0 within tolerance, 1 beyond it, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixpo.layout import Group, collate_groups
+
+# Tolerances: summed log-probs (absolute) and gradients (relative to the largest entry of each
+# parameter's reference gradient). bf16 bounds are looser: the two paths round differently.
+TOLERANCES = {
+    torch.float32: {"logps": 1e-4, "grads": 1e-4},
+    torch.bfloat16: {"logps_per_token": 2e-2, "grads": 5e-2},
+    torch.float16: {"logps_per_token": 1e-2, "grads": 5e-2},
+}
+
+
+def random_groups(vocab_size: int, num_groups: int, num_responses: int, seed: int,
+                  max_prompt: int = 150, max_response: int = 140) -> list[Group]:
+    """Random groups whose lengths vary from one token up to past a 128-token block."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(low: int, high: int) -> list[int]:
+        n = int(torch.randint(low, high + 1, (1,), generator=gen))
+        return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
+
+    groups = []
+    for i in range(num_groups):
+        prompt = draw(1, 1) if i == 0 else draw(1, max_prompt)  # the first group has a one-token prompt
+        responses = [draw(1, 1) if (i == 1 and j == 0) else draw(1, max_response) for j in range(num_responses)]
+        groups.append(Group(prompt, responses))
+    return groups
+
+
+def separate_logps(model: nn.Module, groups: Sequence[Group]) -> list[torch.Tensor]:
+    """The standard recipe: every prompt+response its own right-padded sequence; per-token
+    log-probs ``[L]`` of each response, in group then response order."""
+    sequences, spans = [], []
+    for g in groups:
+        for r in g.response_ids:
+            sequences.append(list(g.prompt_ids) + list(r))
+            spans.append((len(g.prompt_ids), len(r)))
+    device = next(model.parameters()).device
+    length = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), length, dtype=torch.long, device=device)
+    attention = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+    logps = F.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
+    return [logps[i, p - 1 : p - 1 + n] for i, (p, n) in enumerate(spans)]
+
+
+def shared_logps(model: nn.Module, groups: Sequence[Group], chunk_size: int = 64) -> list[torch.Tensor]:
+    """The same per-token log-probs through prefixpo's shared layout (model already switched)."""
+    from prefixpo.logprobs import compute_logps
+
+    batch = collate_groups(groups).to(next(model.parameters()).device)
+    out = compute_logps(model, batch, chunk_size=chunk_size)
+    return list(out.token_logps.split(batch.response_lengths.tolist()))
+
+
+def verification_loss(groups: Sequence[Group], token_logps: Sequence[torch.Tensor], beta: float = 0.1) -> torch.Tensor:
+    """A DPO-style loss touching every response: response 0 preferred to each sibling; NLL for n = 1."""
+    sums = iter([t.sum() for t in token_logps])
+    loss = torch.zeros((), device=token_logps[0].device)
+    for g in groups:
+        per_group = [next(sums) for _ in g.response_ids]
+        if len(per_group) == 1:
+            loss = loss - per_group[0] / len(g.response_ids[0])
+        for other in per_group[1:]:
+            loss = loss - F.logsigmoid(beta * (per_group[0] - other))
+    return loss
+
+
+@dataclass
+class Comparison:
+    logps_separate: list[float]
+    logps_shared: list[float]
+    token_counts: list[int]
+    max_abs_logps: float
+    max_abs_logps_per_token: float
+    max_rel_grads: float | None  # None when no gradient was compared
+
+    def within(self, dtype: torch.dtype) -> bool:
+        tol = TOLERANCES[dtype]
+        ok = (self.max_abs_logps <= tol["logps"]) if "logps" in tol else \
+            (self.max_abs_logps_per_token <= tol["logps_per_token"])
+        return ok and (self.max_rel_grads is None or self.max_rel_grads <= tol["grads"])
+
+
+def _run(model: nn.Module, groups: Sequence[Group], logps_fn: Callable, with_grads: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(with_grads):
+        token_logps = logps_fn(model, groups)
+        if with_grads:
+            verification_loss(groups, token_logps).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return [t.detach() for t in token_logps], grads
+
+
+def compare(model: nn.Module, groups: Sequence[Group], backend: str, with_grads: bool = True,
+            chunk_size: int = 64, check_architecture: bool = True) -> Comparison:
+    """Run both paths on ``model`` (stock attention in, prefix attention out) and compare."""
+    from prefixpo.modeling import apply_prefix_attention
+
+    model.eval()  # no dropout: both paths must see the same function
+    sep, sep_grads = _run(model, groups, separate_logps, with_grads)
+    apply_prefix_attention(model, backend, self_check=check_architecture)
+    shr, shr_grads = _run(model, groups, lambda m, g: shared_logps(m, g, chunk_size), with_grads)
+    diffs = [(a.double().sum() - b.double().sum()).abs().item() for a, b in zip(sep, shr)]
+    rel = None
+    if with_grads:
+        rel = 0.0
+        for name, ref in sep_grads.items():
+            got = shr_grads.get(name, torch.zeros_like(ref))
+            scale = ref.abs().max().item()
+            rel = max(rel, (got - ref).abs().max().item() / scale if scale > 0 else (got - ref).abs().max().item())
+    return Comparison(
+        logps_separate=[t.sum().item() for t in sep],
+        logps_shared=[t.sum().item() for t in shr],
+        token_counts=[len(t) for t in sep],
+        max_abs_logps=max(diffs),
+        max_abs_logps_per_token=max(d / len(t) for d, t in zip(diffs, sep)),
+        max_rel_grads=rel,
+    )
+
+
+@torch.no_grad()
+def self_check(model: nn.Module, seed: int = 0) -> None:
+    """A small forward-only check of an unverified architecture; raises if the paths differ.
+
+    The model's attention implementation is restored afterwards.
+    """
+    from prefixpo.modeling import UnsupportedModelError, _set_attention_function
+
+    original = model.config._attn_implementation
+    was_training = model.training
+    dtype = next(model.parameters()).dtype
+    groups = random_groups(model.get_output_embeddings().weight.shape[0], 2, 2, seed, max_prompt=12, max_response=8)
+    try:
+        result = compare(model, groups, "sdpa", with_grads=False, check_architecture=False)
+    finally:
+        _set_attention_function(model, original)
+        model._prefixpo_backend = None
+        model.train(was_training)
+    if not result.within(dtype):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: shared-layout log-probs differ from separate sequences "
+            f"(max abs {result.max_abs_logps:.2e}); this architecture does not honour the explicit mask and "
+            "position_ids prefixpo passes, so it cannot be trained with prefix sharing")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="hub name, local model directory, or a config JSON (random weights)")
+    parser.add_argument("--num-responses", type=int, default=2, help="responses per group (default 2)")
+    parser.add_argument("--num-groups", type=int, default=4, help="random groups to check (default 4)")
+    parser.add_argument("--backend", choices=["sdpa", "flex"], default=None,
+                        help="attention backend (default: flex on cuda, sdpa on cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-prompt-length", type=int, default=150)
+    parser.add_argument("--max-response-length", type=int, default=140)
+    parser.add_argument("--logps-chunk-size", type=int, default=64)
+    parser.add_argument("--no-grads", action="store_true", help="compare log-probs only")
+    parser.add_argument("--json", metavar="PATH", help="also write the groups and results as JSON")
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def _bad_arguments(message: str) -> int:
+    print(f"prefixpo verify: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefixpo.modeling import DTYPES, UnsupportedModelError, load_causal_lm
+
+    if args.num_responses < 1 or args.num_groups < 1:
+        return _bad_arguments("--num-responses and --num-groups must be at least 1")
+    if args.max_prompt_length < 1 or args.max_response_length < 1 or args.logps_chunk_size < 1:
+        return _bad_arguments("lengths and --logps-chunk-size must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _bad_arguments("--device cuda asked for, but no CUDA device is available")
+    backend = args.backend or ("flex" if args.device == "cuda" else "sdpa")
+    with_grads = not args.no_grads
+    if backend == "flex" and args.device == "cpu" and with_grads:
+        print("note: FlexAttention has no backward pass on CPU; comparing log-probs only", file=sys.stderr)
+        with_grads = False
+    try:
+        model = load_causal_lm(args.model, args.dtype, args.device, args.seed, args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        return _bad_arguments(f"cannot load model {args.model!r}: {err}")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    groups = random_groups(vocab, args.num_groups, args.num_responses, args.seed,
+                           args.max_prompt_length, args.max_response_length)
+    try:
+        result = compare(model, groups, backend, with_grads, args.logps_chunk_size)
+    except UnsupportedModelError as err:
+        return _bad_arguments(str(err))
+    dtype = DTYPES[args.dtype]
+    ok = result.within(dtype)
+    _print_table(args, backend, groups, result, dtype)
+    grads = "n/a" if result.max_rel_grads is None else f"{result.max_rel_grads:.3e}"
+    print(f"max_abs_diff logps={result.max_abs_logps:.3e} grads={grads}")
+    if args.json:
+        _write_json(args.json, groups, result, backend, args)
+    return 0 if ok else 1
+
+
+def _print_table(args, backend, groups, result: Comparison, dtype) -> None:
+    print(f"model={args.model} backend={backend} dtype={args.dtype} device={args.device} seed={args.seed}")
+    print(f"{'group':>5} {'resp':>4} {'prompt':>6} {'tokens':>6} {'logp separate':>15} {'logp shared':>15} {'abs diff':>10}")
+    k = 0
+    for gi, g in enumerate(groups):
+        for ri in range(len(g.response_ids)):
+            a, b = result.logps_separate[k], result.logps_shared[k]
+            print(f"{gi:>5} {ri:>4} {len(g.prompt_ids):>6} {result.token_counts[k]:>6} {a:>15.6f} {b:>15.6f} "
+                  f"{abs(a - b):>10.2e}")
+            k += 1
+    tol = TOLERANCES[dtype]
+    print("tolerance: " + ", ".join(f"{k}<={v:g}" for k, v in tol.items()) +
+          f"  -> {'PASS' if result.within(dtype) else 'FAIL'}")
+
+
+def _write_json(path: str, groups, result: Comparison, backend: str, args) -> None:
+    it_sep, it_shr = iter(result.logps_separate), iter(result.logps_shared)
+    payload = {
+        "model": args.model, "backend": backend, "dtype": args.dtype, "device": args.device, "seed": args.seed,
+        "groups": [{
+            "prompt_ids": list(g.prompt_ids),
+            "response_ids": [list(r) for r in g.response_ids],
+            "logps_shared": [next(it_shr) for _ in g.response_ids],
+            "logps_separate": [next(it_sep) for _ in g.response_ids],
+        } for g in groups],
+        "max_abs_diff": {"logps": result.max_abs_logps,
+                         "grads": None if result.max_rel_grads is None or math.isnan(result.max_rel_grads)
+                         else result.max_rel_grads},
+    }
+    with open(path, "w") as f:
+        json.dump(payload, f)
