@@ -1,0 +1,542 @@
+"""The offline pairwise preference losses, as small pure functions registered by name (DESIGN.md section 4-5).
+
+A loss sees only per-response log-probs summed over scored tokens, and the scored-token counts::
+
+    pi_c, pi_r     policy log-probs of the chosen / rejected response      [num_pairs]
+    ref_c, ref_r   reference log-probs (None for reference-free losses)    [num_pairs]
+    len_c, len_r   scored tokens per response (> 0)                         [num_pairs]
+
+and returns per-pair losses ``[num_pairs]`` and a dict of detached per-pair metrics ``[num_pairs]``
+(TRL's names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ``logps/rejected``, plus ``nll`` where the loss has an NLL term). Losses and
+metrics stay per pair so the caller can average them over all pairs of an optimizer step.
+
+    >>> loss_fn = get_loss("sigmoid", beta=0.1)
+    >>> losses, metrics = loss_fn(pi_c, pi_r, ref_c, ref_r, len_c, len_r)   # doctest: +SKIP
+    >>> loss = losses.sum() / pairs_in_optimizer_step                        # doctest: +SKIP
+
+Formulas follow the papers and TRL's ``DPOTrainer`` / ``CPOTrainer`` / ``ORPOTrainer`` definitions;
+``h = (pi_c - ref_c) - (pi_r - ref_r)`` throughout. See docs/losses.md for the table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Metrics = dict[str, Tensor]
+LossFn = Callable[..., tuple[Tensor, Metrics]]
+
+
+class PairLogps(NamedTuple):
+    """Validated inputs of one call, all ``[num_pairs]``; ``ref_*`` are None for reference-free losses."""
+
+    pi_c: Tensor
+    pi_r: Tensor
+    ref_c: Tensor | None
+    ref_r: Tensor | None
+    len_c: Tensor
+    len_r: Tensor
+
+
+class RunningMean:
+    """Mean of the values passed to ``update`` so far; ``bco_pair``'s baseline in TRL's style.
+
+    TRL's BCO pair loss keeps a running mean over steps of the batch-mean reward. Passing an instance
+    as ``get_loss("bco_pair", delta=RunningMean())`` reproduces that; the loss is then stateful (each
+    call updates the mean before using it), which is the one exception to "losses are pure".
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> float:
+        self.count += 1
+        self.mean += (value - self.mean) / self.count
+        return self.mean
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _margin(p: PairLogps) -> Tensor:
+    """``h = (pi_c - ref_c) - (pi_r - ref_r)`` ``[num_pairs]``."""
+    return (p.pi_c - p.ref_c) - (p.pi_r - p.ref_r)
+
+
+def _nll(p: PairLogps) -> Tensor:
+    """Length-normalised NLL of the chosen response, ``-pi_c / len_c`` ``[num_pairs]``."""
+    return -p.pi_c / p.len_c
+
+
+def _metrics(p: PairLogps, chosen_rewards: Tensor, rejected_rewards: Tensor, **extra: Tensor) -> Metrics:
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": p.pi_c.detach(),
+        "logps/rejected": p.pi_r.detach(),
+    }
+    metrics.update({k: v.detach() for k, v in extra.items()})
+    return metrics
+
+
+def _dpo_metrics(p: PairLogps, beta: float, **extra: Tensor) -> Metrics:
+    """Rewards ``beta * (pi - ref)`` on summed log-probs, as TRL's DPOTrainer."""
+    return _metrics(p, beta * (p.pi_c - p.ref_c), beta * (p.pi_r - p.ref_r), **extra)
+
+
+def _smoothed_logistic(x: Tensor, label_smoothing: float) -> Tensor:
+    """``-(1 - eps) logsigmoid(x) - eps logsigmoid(-x)``: cross-entropy with labels smoothed by eps."""
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for very negative x (Maechler 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference-based losses
+
+
+def sigmoid(p: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290), conservative DPO when ``label_smoothing > 0``.
+
+    ``loss = -(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``, ``h = (pi_c - ref_c) - (pi_r - ref_r)``.
+    With ``eps = 0`` this is the DPO reference code's ``-logsigmoid(beta ((pi_c - pi_r) - (ref_c - ref_r)))``.
+    Conservative DPO: Mitchell, "A note on DPO with noisy preferences" (2023). TRL defaults beta=0.1, eps=0.
+    """
+    return _smoothed_logistic(beta * _margin(p), label_smoothing), _dpo_metrics(p, beta)
+
+
+def robust(p: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
+    """Robust DPO, rDPO (Chowdhury et al. 2024, arXiv:2403.00409), unbiased under label-flip rate eps.
+
+    ``loss = ((1 - eps) (-logsigmoid(beta h)) + eps logsigmoid(-beta h)) / (1 - 2 eps)``, eps in [0, 0.5).
+    """
+    x = beta * _margin(p)
+    losses = (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (
+        1 - 2 * label_smoothing
+    )
+    return losses, _dpo_metrics(p, beta)
+
+
+def ipo(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+    """IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17; beta is the paper's tau).
+
+    On **length-averaged** log-probs, as the IPO paper's per-token form and TRL define it:
+    ``h = (pi_c/len_c - ref_c/len_c) - (pi_r/len_r - ref_r/len_r)``, ``loss = (h - 1/(2 beta))^2``.
+    Rewards are ``beta * (pi - ref) / len`` (TRL logs the averaged ones too).
+    """
+    avg = PairLogps(p.pi_c / p.len_c, p.pi_r / p.len_r, p.ref_c / p.len_c, p.ref_r / p.len_r, p.len_c, p.len_r)
+    losses = (_margin(avg) - 1 / (2 * beta)) ** 2
+    return losses, _metrics(p, beta * (avg.pi_c - avg.ref_c), beta * (avg.pi_r - avg.ref_r))
+
+
+def hinge(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+    """SLiC hinge loss (Zhao et al. 2023, arXiv:2305.10425), as in TRL: ``loss = relu(1 - beta h)``.
+
+    ``1/beta`` is the margin on ``h``.
+    """
+    return torch.relu(1 - beta * _margin(p)), _dpo_metrics(p, beta)
+
+
+def exo_pair(p: PairLogps, beta: float = 0.1, label_smoothing: float = 1e-3) -> tuple[Tensor, Metrics]:
+    """EXO, pairwise form (Ji et al. 2024, arXiv:2402.00856, eq. 16): reverse KL to smoothed labels.
+
+    ``loss = s(x) (logsigmoid(x) - log(1 - eps)) + s(-x) (logsigmoid(-x) - log(eps))``, ``x = beta h``,
+    ``s`` the sigmoid. eps must be in (0, 0.5); TRL replaces eps=0 by 1e-3, here the default is 1e-3.
+    """
+    x = beta * _margin(p)
+    eps = label_smoothing
+    losses = torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
+        F.logsigmoid(-x) - math.log(eps)
+    )
+    return losses, _dpo_metrics(p, beta)
+
+
+def nca_pair(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+    """NCA, pairwise form (Chen et al. 2024, Noise Contrastive Alignment, arXiv:2402.05369).
+
+    With rewards ``r = beta (pi - ref)``:
+    ``loss = -logsigmoid(r_c) - 0.5 logsigmoid(-r_c) - 0.5 logsigmoid(-r_r)``.
+    """
+    r_c, r_r = beta * (p.pi_c - p.ref_c), beta * (p.pi_r - p.ref_r)
+    losses = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
+    return losses, _dpo_metrics(p, beta)
+
+
+def bco_pair(p: PairLogps, beta: float = 0.1, delta: float | RunningMean | None = None) -> tuple[Tensor, Metrics]:
+    """BCO, pairwise form (Jung et al. 2024, Binary Classifier Optimization, arXiv:2404.04656).
+
+    With rewards ``r = beta (pi - ref)`` and a reward baseline ``delta``:
+    ``loss = -logsigmoid(r_c - delta) - logsigmoid(-(r_r - delta))``.
+
+    ``delta``: None (default, pure) = the detached mean of all 2 * num_pairs rewards of this batch;
+    a float = a fixed baseline; a ``RunningMean`` = TRL's behaviour (running mean over steps of the
+    batch-mean reward; updated by this call, so the loss is stateful). TRL's running mean is also
+    gathered across ranks; a per-rank RunningMean is not.
+    """
+    r_c, r_r = beta * (p.pi_c - p.ref_c), beta * (p.pi_r - p.ref_r)
+    batch_mean = torch.cat([r_c, r_r]).mean().detach()
+    if delta is None:
+        baseline: Tensor | float = batch_mean
+    elif isinstance(delta, RunningMean):
+        baseline = delta.update(float(batch_mean))
+    else:
+        baseline = float(delta)
+    losses = -F.logsigmoid(r_c - baseline) - F.logsigmoid(-(r_r - baseline))
+    return losses, _dpo_metrics(p, beta, delta=torch.as_tensor(baseline, dtype=r_c.dtype).expand_as(r_c))
+
+
+def sppo_hard(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+    """SPPO with hard win probabilities (Wu et al. 2024, arXiv:2405.00675, eq. 4.7 with P in {0, 1}).
+
+    ``loss = ((pi_c - ref_c) - 1/(2 beta))^2 + ((pi_r - ref_r) + 1/(2 beta))^2``.
+    """
+    a, b = p.pi_c - p.ref_c, p.pi_r - p.ref_r
+    losses = (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+    return losses, _dpo_metrics(p, beta)
+
+
+def _sorted_margin(a: Tensor, b: Tensor) -> Tensor:
+    return torch.sort(a, dim=0).values - torch.sort(b, dim=0).values
+
+
+def aot(p: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
+    """AOT for paired data (Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal
+    Transport, arXiv:2406.05882), as TRL's ``aot``.
+
+    Sort the policy ratios ``pi_c - pi_r`` and the reference ratios ``ref_c - ref_r`` across the batch,
+    ``d = sort(pi_c - pi_r) - sort(ref_c - ref_r)``, ``loss = -(1-eps) logsigmoid(beta d) - eps logsigmoid(-beta d)``.
+    The loss of "pair i" is that of the i-th quantile, not of pair i itself; only the batch mean means much.
+    """
+    d = _sorted_margin(p.pi_c - p.pi_r, p.ref_c - p.ref_r)
+    return _smoothed_logistic(beta * d, label_smoothing), _dpo_metrics(p, beta)
+
+
+def aot_pair(p: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
+    """AOT for unpaired data (Melnyk et al. 2024, arXiv:2406.05882), as TRL's ``aot_pair``.
+
+    Sort the chosen ratios ``pi_c - ref_c`` and the rejected ratios ``pi_r - ref_r`` separately,
+    ``d = sort(pi_c - ref_c) - sort(pi_r - ref_r)``, ``loss = -(1-eps) logsigmoid(beta d) - eps logsigmoid(-beta d)``.
+    """
+    d = _sorted_margin(p.pi_c - p.ref_c, p.pi_r - p.ref_r)
+    return _smoothed_logistic(beta * d, label_smoothing), _dpo_metrics(p, beta)
+
+
+def apo_zero(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+    """APO-zero (D'Oosterlinck et al. 2024, Anchored Preference Optimization, arXiv:2408.06266, eq. 7).
+
+    For chosen responses better than the model's own: ``loss = (1 - s(beta (pi_c - ref_c))) + s(beta (pi_r - ref_r))``.
+    """
+    losses = (1 - torch.sigmoid(beta * (p.pi_c - p.ref_c))) + torch.sigmoid(beta * (p.pi_r - p.ref_r))
+    return losses, _dpo_metrics(p, beta)
+
+
+def apo_down(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+    """APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 8).
+
+    For chosen responses worse than the model's own: ``loss = s(beta (pi_c - ref_c)) + (1 - s(beta h))``.
+    """
+    losses = torch.sigmoid(beta * (p.pi_c - p.ref_c)) + (1 - torch.sigmoid(beta * _margin(p)))
+    return losses, _dpo_metrics(p, beta)
+
+
+def discopop(p: PairLogps, beta: float = 0.1, tau: float = 0.05) -> tuple[Tensor, Metrics]:
+    """DiscoPOP / log-ratio modulated loss (Chan Lu et al. 2024, arXiv:2406.08414, eq. 5); TRL's discopop_tau=0.05.
+
+    ``x = beta h``, ``m = s(x / tau)``, ``loss = (1 - m) (-logsigmoid(x)) + m exp(-x)``.
+    ``m exp(-x)`` is computed as ``exp(logsigmoid(x / tau) - x)`` so large |x| gives no inf * 0.
+    """
+    x = beta * _margin(p)
+    losses = torch.sigmoid(-x / tau) * -F.logsigmoid(x) + torch.exp(F.logsigmoid(x / tau) - x)
+    return losses, _dpo_metrics(p, beta)
+
+
+def dpop(p: PairLogps, beta: float = 0.1, dpop_lambda: float = 50.0) -> tuple[Tensor, Metrics]:
+    """DPO-Positive (Pal et al. 2024, Smaug, arXiv:2402.13228, eq. 3; lambda=50 as in the paper).
+
+    ``loss = -logsigmoid(beta (h - lambda max(0, ref_c - pi_c)))``: penalises lowering the chosen
+    response's likelihood below the reference's. TRL has no DPOP loss type.
+    """
+    penalty = torch.relu(p.ref_c - p.pi_c)
+    return -F.logsigmoid(beta * (_margin(p) - dpop_lambda * penalty)), _dpo_metrics(p, beta, penalty=penalty)
+
+
+def rpo(p: PairLogps, beta: float = 0.1, alpha: float = 1.0) -> tuple[Tensor, Metrics]:
+    """RPO / iterative RPO (Pang et al. 2024, arXiv:2404.19733): DPO plus a chosen NLL term.
+
+    ``loss = -logsigmoid(beta h) + alpha (-pi_c / len_c)``. alpha=1.0 as in the paper (TRL's
+    ``rpo_alpha`` defaults to None = off). TRL averages the NLL over all chosen tokens of the batch;
+    here it is averaged per response, so each pair weighs the same (DESIGN.md section 4).
+    """
+    nll = _nll(p)
+    return -F.logsigmoid(beta * _margin(p)) + alpha * nll, _dpo_metrics(p, beta, nll=nll)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference-free losses
+
+
+def simpo(p: PairLogps, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
+    """SimPO (Meng et al. 2024, arXiv:2405.14734, eq. 6), reference-free and length-normalised.
+
+    ``x = beta (pi_c/len_c - pi_r/len_r) - gamma``, ``loss = -(1-eps) logsigmoid(x) - eps logsigmoid(-x)``.
+    gamma is the reward margin (TRL's ``simpo_gamma``, default 0.5); beta=2.0 as in TRL/the paper.
+    Rewards: ``beta * pi / len``. No NLL term (TRL's CPOTrainer adds ``cpo_alpha * nll``; combine
+    with ``sft`` for that).
+    """
+    r_c, r_r = beta * p.pi_c / p.len_c, beta * p.pi_r / p.len_r
+    return _smoothed_logistic(r_c - r_r - gamma, label_smoothing), _metrics(p, r_c, r_r)
+
+
+def cpo(p: PairLogps, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
+    """CPO (Xu et al. 2024, Contrastive Preference Optimization, arXiv:2401.08417, eq. 6), reference-free.
+
+    ``loss = -(1-eps) logsigmoid(beta (pi_c - pi_r)) - eps logsigmoid(-beta (pi_c - pi_r)) + alpha (-pi_c / len_c)``.
+    Defaults as TRL's CPOConfig (beta=0.1, cpo_alpha=1.0). Rewards ``beta * pi`` (summed), as TRL.
+    NLL per response (TRL: over all chosen tokens of the batch).
+    """
+    nll = _nll(p)
+    losses = _smoothed_logistic(beta * (p.pi_c - p.pi_r), label_smoothing) + alpha * nll
+    return losses, _metrics(p, beta * p.pi_c, beta * p.pi_r, nll=nll)
+
+
+def orpo(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+    """ORPO (Hong et al. 2024, Odds Ratio Preference Optimization, arXiv:2403.07691, eq. 6-7), reference-free.
+
+    On length-averaged log-probs ``a = pi / len``, ``log odds(y) = a - log(1 - exp(a))``:
+    ``loss = -pi_c / len_c - beta logsigmoid(log odds(y_c) - log odds(y_r))``.
+    beta is the paper's lambda (TRL's ORPOConfig.beta, default 0.1); the NLL weight is 1 as in the paper.
+    Requires log-probs < 0 (probability < 1); averaged log-probs above -1e-7 are clamped there (their
+    gradient through the odds term is then 0) so a near-certain response gives no inf.
+    Rewards ``beta * pi / len``, as TRL.
+    """
+    a_c = torch.clamp(p.pi_c / p.len_c, max=-1e-7)
+    a_r = torch.clamp(p.pi_r / p.len_r, max=-1e-7)
+    log_odds = (a_c - a_r) - (_log1mexp(a_c) - _log1mexp(a_r))
+    nll = _nll(p)
+    losses = nll - beta * F.logsigmoid(log_odds)
+    metrics = _metrics(p, beta * p.pi_c / p.len_c, beta * p.pi_r / p.len_r, nll=nll, log_odds_chosen=log_odds)
+    return losses, metrics
+
+
+def sft(p: PairLogps) -> tuple[Tensor, Metrics]:
+    """Supervised fine-tuning on the chosen response: ``loss = -pi_c / len_c`` (mean token NLL).
+
+    Rewards here are the length-averaged log-probs ``pi / len`` (no beta), for monitoring only.
+    """
+    nll = _nll(p)
+    return nll, _metrics(p, p.pi_c / p.len_c, p.pi_r / p.len_r, nll=nll)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registry
+
+
+def _in_half_open(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: lo <= v < hi
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_REAL = (lambda v: math.isfinite(v), "a finite number")
+_COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "beta": _POSITIVE,
+    "label_smoothing": (_in_half_open(0.0, 0.5), "in [0, 0.5)"),
+    "alpha": _NON_NEGATIVE,
+    "gamma": _REAL,
+    "tau": _POSITIVE,
+    "dpop_lambda": _NON_NEGATIVE,
+}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: its function, whether it needs reference log-probs, and parameter checks."""
+
+    fn: Callable[..., tuple[Tensor, Metrics]]
+    requires_reference: bool
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        params = list(inspect.signature(self.fn).parameters.values())[1:]
+        return {q.name: q.default for q in params}
+
+    def check(self, name: str, value: Any) -> None:
+        if name == "delta":  # bco_pair: None, a number or a RunningMean
+            if value is None or isinstance(value, RunningMean) or _is_number(value):
+                return
+            raise ValueError(f"loss {self.fn.__name__!r}: delta must be None, a number or a RunningMean, got {value!r}")
+        predicate, text = self.checks.get(name) or _COMMON_CHECKS[name]
+        if not _is_number(value) or not predicate(float(value)):
+            raise ValueError(f"loss {self.fn.__name__!r}: parameter {name}={value!r} is not allowed; it must be {text}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(sigmoid, True),
+    "robust": LossSpec(robust, True),
+    "ipo": LossSpec(ipo, True),
+    "hinge": LossSpec(hinge, True),
+    "exo_pair": LossSpec(exo_pair, True, {"label_smoothing": (lambda v: 0 < v < 0.5, "in (0, 0.5)")}),
+    "nca_pair": LossSpec(nca_pair, True),
+    "bco_pair": LossSpec(bco_pair, True),
+    "sppo_hard": LossSpec(sppo_hard, True),
+    "aot": LossSpec(aot, True),
+    "aot_pair": LossSpec(aot_pair, True),
+    "apo_zero": LossSpec(apo_zero, True),
+    "apo_down": LossSpec(apo_down, True),
+    "discopop": LossSpec(discopop, True),
+    "dpop": LossSpec(dpop, True),
+    "rpo": LossSpec(rpo, True),
+    "simpo": LossSpec(simpo, False),
+    "cpo": LossSpec(cpo, False),
+    "orpo": LossSpec(orpo, False),
+    "sft": LossSpec(sft, False),
+}
+
+
+def _spec(name: str) -> LossSpec:
+    if not isinstance(name, str) or name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; the losses are: {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def loss_requires_reference(name: str | Sequence[str]) -> bool:
+    """Whether the loss (or any loss of a combination) needs reference-model log-probs."""
+    names = [name] if isinstance(name, str) else list(name)
+    return any(_spec(n).requires_reference for n in names)
+
+
+def _bind(name: str, params: dict[str, Any]) -> Callable[[PairLogps], tuple[Tensor, Metrics]]:
+    spec = _spec(name)
+    allowed = spec.defaults
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"loss {name!r} has no parameter(s) {', '.join(unknown)}; its parameters are: "
+            f"{', '.join(f'{k}={v!r}' for k, v in allowed.items()) or 'none'}"
+        )
+    for key, value in params.items():
+        spec.check(key, value)
+    return lambda p: spec.fn(p, **params)
+
+
+def _validate(name: str, args: tuple[Any, ...], requires_reference: bool) -> PairLogps:
+    arg_names = PairLogps._fields
+    full = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+            "reference_rejected_logps", "chosen_lengths", "rejected_lengths")
+    p = PairLogps(*args)
+    shape = None
+    for field_name, arg_name, value in zip(arg_names, full, p, strict=True):
+        if value is None:
+            if field_name.startswith("ref_") and not requires_reference:
+                continue
+            raise ValueError(f"loss {name!r} needs {arg_name}, got None")
+        if not isinstance(value, Tensor) or value.dim() != 1:
+            raise ValueError(f"{arg_name} must be a 1-D tensor [num_pairs], got {getattr(value, 'shape', value)!r}")
+        if shape is None:
+            shape = value.shape
+        elif value.shape != shape:
+            raise ValueError(f"{arg_name} has shape {tuple(value.shape)}, expected {tuple(shape)} like policy_chosen_logps")
+        if field_name.startswith("len_") and bool((value <= 0).any()):
+            bad = int((value <= 0).nonzero()[0])
+            raise ValueError(f"{arg_name} must be > 0 (zero-length response at pair {bad}); drop empty responses upstream")
+    if not requires_reference:
+        p = p._replace(ref_c=None, ref_r=None)
+    dtype = p.pi_c.dtype
+    return p._replace(len_c=p.len_c.to(dtype), len_r=p.len_r.to(dtype))
+
+
+def get_loss(
+    name: str | Sequence[str],
+    loss_weights: Sequence[float] | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
+    **shared: Any,
+) -> LossFn:
+    """Look up a loss (or a weighted sum of several) by name and bind its parameters.
+
+    Returns ``fn(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+    reference_rejected_logps, chosen_lengths, rejected_lengths) -> (losses [num_pairs], metrics)``.
+
+    One name: ``get_loss("sigmoid", beta=0.1)``. Several: ``get_loss(["sigmoid", "sft"],
+    loss_weights=[1.0, 0.5], params={"sigmoid": {"beta": 0.1}})``; ``losses = sum_i w_i loss_i``.
+    Keyword parameters (``shared``) go to every listed loss that has a parameter of that name (it is
+    an error if none has); ``params[name]`` overrides them for that loss. Metrics of a combination:
+    those of the first loss, plus keys only later losses have (e.g. ``nll``), plus ``loss/<name>``
+    (unweighted) per loss. Unknown names, parameters or out-of-range values raise ValueError.
+    """
+    names = [name] if isinstance(name, str) else list(name)
+    if not names:
+        raise ValueError(f"no loss given; the losses are: {', '.join(LOSSES)}")
+    for n in names:
+        _spec(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss names must be distinct, got {names}")
+    if loss_weights is None:
+        if len(names) > 1:
+            raise ValueError(f"a combination of {len(names)} losses needs loss_weights, one per loss")
+        loss_weights = [1.0]
+    if len(loss_weights) != len(names):
+        raise ValueError(f"loss_weights has {len(loss_weights)} entries for {len(names)} losses {names}")
+    if not all(_is_number(w) for w in loss_weights):
+        raise ValueError(f"loss_weights must be finite numbers, got {list(loss_weights)}")
+    params = dict(params or {})
+    stray = sorted(set(params) - set(names))
+    if stray:
+        raise ValueError(f"params given for {stray}, which are not among the losses {names}")
+    unused = [k for k in shared if not any(k in LOSSES[n].defaults for n in names)]
+    if unused and len(names) > 1:
+        allowed = sorted({k for n in names for k in LOSSES[n].defaults})
+        raise ValueError(f"no loss among {names} has parameter(s) {unused}; allowed: {allowed}")
+    bound = []
+    for n in names:
+        own = {k: v for k, v in shared.items() if k in LOSSES[n].defaults or len(names) == 1}
+        bound.append(_bind(n, {**own, **params.get(n, {})}))
+    requires_reference = loss_requires_reference(names)
+    label = names[0] if len(names) == 1 else "+".join(names)
+    weights = [float(w) for w in loss_weights]
+
+    def loss_fn(
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor | None,
+        reference_rejected_logps: Tensor | None,
+        chosen_lengths: Tensor,
+        rejected_lengths: Tensor,
+    ) -> tuple[Tensor, Metrics]:
+        p = _validate(label, (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                              reference_rejected_logps, chosen_lengths, rejected_lengths), requires_reference)
+        if len(bound) == 1:
+            return bound[0](p)
+        total: Tensor | None = None
+        metrics: Metrics = {}
+        for n, w, fn in zip(names, weights, bound, strict=True):
+            losses, m = fn(p)
+            total = w * losses if total is None else total + w * losses
+            for k, v in m.items():
+                metrics.setdefault(k, v)
+            metrics[f"loss/{n}"] = losses.detach()
+        assert total is not None
+        return total, metrics
+
+    loss_fn.__name__ = f"loss_{label}"
+    return loss_fn
