@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
 
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "verify": ("prefixpo.verify", "check that the prefix-shared layout equals separate sequences on a model"),
+    "prepare": ("prefixpo.prepare", "check and tokenize a preference dataset and print its statistics"),
 }
 
 

@@ -24,8 +24,9 @@ DEFAULT_CHUNK_SIZE = 1024
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
-    """fp32 logits ``[N, V]`` of hidden states ``[N, H]``, with the model's logit transform."""
-    logits = F.linear(hidden, weight, bias).float()
+    """Logits ``[N, V]`` of hidden states ``[N, H]`` in fp32 (or wider), with the model's logit transform."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if scale is not None:
         logits = logits * scale
     if softcap is not None:
@@ -46,7 +47,7 @@ class _ScoredTokenLogprobs(torch.autograd.Function):
         dtype = _compute_dtype(hidden, weight)
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
-        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        logps = torch.empty(hidden.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         lse = torch.empty_like(logps)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
@@ -66,12 +67,13 @@ class _ScoredTokenLogprobs(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        wide = torch.promote_types(dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_bias else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             h = hidden[start:end].to(dtype)
-            g = grad_logps[start:end].float()
+            g = grad_logps[start:end].to(lse.dtype)
             logits = head_logits(h, w, b, softcap, scale)
             # d logp / d logits = onehot(target) - softmax(logits)
             grad = torch.exp(logits - lse[start:end, None]).mul_(-g[:, None])
@@ -98,7 +100,9 @@ class _ScoredTokenLogprobs(torch.autograd.Function):
 def scored_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           bias: torch.Tensor | None = None, softcap: float | None = None,
                           scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """fp32 log-probs ``[S]`` of ``targets [S]`` under hidden states ``[S, H]``, ``chunk_size`` tokens at a time."""
+    """Log-probs ``[S]`` of ``targets [S]`` under hidden states ``[S, H]``, ``chunk_size`` tokens at a time.
+
+    The result is fp32 for fp32/bf16/fp16 weights (fp64 for fp64 weights)."""
     if chunk_size < 1:
         raise ValueError(f"logps_chunk_size must be a positive number of tokens, got {chunk_size}")
     if hidden.shape[0] != targets.shape[0]:
