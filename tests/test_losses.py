@@ -8,7 +8,14 @@ import torch
 
 from prefixpo.losses import LOSSES, RunningMean, get_loss, loss_requires_reference
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Tests in this file run in float64; the global default is restored for other test files."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft"}
 
@@ -385,3 +392,17 @@ def test_float32_inputs_keep_dtype():
     losses, metrics = get_loss("simpo")(pc, pr, rc, rr, lc, lr)
     assert losses.dtype == torch.float32 and metrics["rewards/chosen"].dtype == torch.float32
     assert math.isfinite(float(losses.sum()))
+
+
+def test_orpo_near_certain_responses():
+    # log(1 - exp(a)) must stay accurate for a -> 0 in float32 (a naive form loses all digits)
+    pc, pr = torch.tensor([-2e-5, -3.0]), torch.tensor([-2.0, -4e-5])
+    n = torch.tensor([2, 1])
+    losses, _ = get_loss("orpo", beta=0.5)(pc.float(), pr.float(), None, None, n, n)
+    expected = oracle_orpo(pc, pr, None, None, n.double(), n.double(), 0.5)
+    torch.testing.assert_close(losses, expected.float(), rtol=1e-5, atol=0)
+    # a log-prob of exactly 0 is clamped, not inf
+    zero = torch.zeros(2, requires_grad=True)
+    out, _ = get_loss("orpo")(zero, torch.tensor([-1.0, 0.0]), None, None, n, n)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(zero.grad).all()

@@ -1,0 +1,253 @@
+"""Groups with more than two responses: pairs from scores, and the Plackett-Luce listwise DPO loss.
+
+A batch numbers its responses group by group, in response order within a group, and
+``response_group [R]`` gives each response's group (DESIGN.md sections 1 and 4)::
+
+    scores          = [[3.0, 1.0, 2.0], [5.0, 5.0]]     two groups: 3 and 2 responses
+    response_group  = [0, 0, 0, 1, 1]                   flat numbering 0..4
+    batch_pairs(scores, response_group, "all")
+        -> chosen_idx [0, 0, 2], rejected_idx [1, 2, 1]; group 1 is a tie: skipped, reported
+
+The caller then scores ``policy_logps[chosen_idx]`` against ``policy_logps[rejected_idx]`` with any
+pairwise loss of ``prefixpo.losses``; every pair counts once in the step's mean over pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+PAIR_STRATEGIES = ("all", "best_vs_each", "best_vs_worst")
+Scores = Sequence[Sequence[float]] | Tensor
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """How pairs are formed inside a group.
+
+    ``strategy``: ``all`` (every pair i, j with s_i > s_j), ``best_vs_each`` (the best response
+    against every other) or ``best_vs_worst`` (one pair per group). ``min_gap``: a pair is kept
+    only if ``s_chosen - s_rejected >= min_gap`` and ``> 0`` (a tie never makes a pair).
+    """
+
+    strategy: str = "all"
+    min_gap: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in PAIR_STRATEGIES:
+            raise ValueError(f"unknown pair strategy {self.strategy!r}; choose one of {', '.join(PAIR_STRATEGIES)}")
+        if not self.min_gap >= 0:
+            raise ValueError(f"min_gap must be >= 0, got {self.min_gap!r}")
+
+
+def group_pairs(scores: Sequence[float], strategy: str = "all", min_gap: float = 0.0) -> list[tuple[int, int]]:
+    """Within-group ``(chosen_index, rejected_index)`` pairs from the responses' scores.
+
+    The best (worst) response is the first one with the highest (lowest) score. A pair is kept iff
+    its gap is > 0 and >= ``min_gap``; so a tie is never a pair and a group may yield no pair::
+
+        group_pairs([3, 1, 2], "all")            -> [(0, 1), (0, 2), (2, 1)]
+        group_pairs([3, 1, 2], "all", 1.5)       -> [(0, 1)]
+        group_pairs([3, 1, 2], "best_vs_each")   -> [(0, 1), (0, 2)]
+        group_pairs([3, 3, 1], "best_vs_each")   -> [(0, 2)]        (0 vs 1 is a tie)
+        group_pairs([3, 1, 2], "best_vs_worst")  -> [(0, 1)]
+        group_pairs([2, 2], "best_vs_worst")     -> []
+    """
+    config = PairConfig(strategy, min_gap)
+    s = [float(x) for x in scores]
+    if any(x != x for x in s):
+        raise ValueError(f"scores contain NaN: {s}")
+
+    def keep(i: int, j: int) -> bool:
+        gap = s[i] - s[j]
+        return gap > 0 and gap >= config.min_gap
+
+    if len(s) < 2:
+        return []
+    best = max(range(len(s)), key=lambda i: (s[i], -i))
+    if config.strategy == "all":
+        return [(i, j) for i in range(len(s)) for j in range(len(s)) if keep(i, j)]
+    if config.strategy == "best_vs_each":
+        return [(best, j) for j in range(len(s)) if j != best and keep(best, j)]
+    worst = min(range(len(s)), key=lambda i: (s[i], i))
+    return [(best, worst)] if keep(best, worst) else []
+
+
+@dataclass
+class BatchPairs:
+    """Pairs over a batch's flat response numbering.
+
+    ``chosen_idx``, ``rejected_idx``, ``pair_group``: LongTensor ``[num_pairs]`` (response indices
+    into ``[R]`` and each pair's group). ``skipped_groups``: groups that gave no pair (ties, gaps
+    below ``min_gap``, a single response); the caller should log ``num_skipped``.
+    """
+
+    chosen_idx: Tensor
+    rejected_idx: Tensor
+    pair_group: Tensor
+    skipped_groups: list[int]
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.chosen_idx.numel())
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_groups)
+
+
+def _group_offsets(response_group: Tensor, sizes: Sequence[int] | None = None) -> list[int]:
+    """First flat response index of each group; checks the group-by-group numbering."""
+    rg = response_group
+    if not isinstance(rg, Tensor) or rg.dim() != 1 or rg.dtype not in (torch.int32, torch.int64):
+        raise ValueError("response_group must be an integer tensor [R]")
+    counts = torch.bincount(rg, minlength=len(sizes) if sizes is not None else 0) if rg.numel() else rg.new_zeros(0)
+    if rg.numel() and (bool((rg[1:] < rg[:-1]).any()) or int(rg[0]) != 0 or bool((counts == 0).any())):
+        raise ValueError("response_group must number groups 0, 1, ... in order, each group's responses contiguous")
+    if sizes is not None:
+        if len(counts) != len(sizes) or any(int(c) != n for c, n in zip(counts, sizes, strict=True)):
+            raise ValueError(
+                f"scores give {list(sizes)} responses per group but response_group gives {counts.tolist()}"
+            )
+    return [0] + torch.cumsum(counts, 0).tolist()[:-1]
+
+
+def _split_scores(scores: Scores, response_group: Tensor) -> list[list[float]]:
+    if isinstance(scores, Tensor):
+        if scores.shape != response_group.shape:
+            raise ValueError(f"flat scores have shape {tuple(scores.shape)}, response_group {tuple(response_group.shape)}")
+        offsets = _group_offsets(response_group)
+        ends = offsets[1:] + [len(scores)]
+        return [scores[a:b].tolist() for a, b in zip(offsets, ends, strict=True)]
+    return [list(map(float, s)) for s in scores]
+
+
+def batch_pairs(
+    scores: Scores, response_group: Tensor, strategy: str = "all", min_gap: float = 0.0, on_no_pair: str = "skip"
+) -> BatchPairs:
+    """Pairs for a batch: ``policy_logps[chosen_idx]`` vs ``policy_logps[rejected_idx]``.
+
+    ``scores``: one sequence of scores per group, or a flat tensor ``[R]`` aligned with
+    ``response_group [R]``. A group without a valid pair is skipped and listed in
+    ``skipped_groups`` (``on_no_pair="skip"``, logged at INFO) or raises (``on_no_pair="error"``).
+    Example: scores ``[[3, 1, 2], [5, 5]]``, response_group ``[0, 0, 0, 1, 1]``, ``all`` ->
+    chosen_idx ``[0, 0, 2]``, rejected_idx ``[1, 2, 1]``, skipped_groups ``[1]``.
+    """
+    if on_no_pair not in ("skip", "error"):
+        raise ValueError(f"on_no_pair must be 'skip' or 'error', got {on_no_pair!r}")
+    per_group = _split_scores(scores, response_group)
+    offsets = _group_offsets(response_group, [len(s) for s in per_group])
+    chosen: list[int] = []
+    rejected: list[int] = []
+    group: list[int] = []
+    skipped: list[int] = []
+    for g, (s, offset) in enumerate(zip(per_group, offsets, strict=True)):
+        pairs = group_pairs(s, strategy, min_gap)
+        if not pairs:
+            if on_no_pair == "error":
+                raise ValueError(f"group {g} with scores {s} has no pair with a gap > 0 and >= {min_gap}")
+            skipped.append(g)
+        for i, j in pairs:
+            chosen.append(offset + i)
+            rejected.append(offset + j)
+            group.append(g)
+    if skipped:
+        logger.info("pairs: %d of %d groups gave no pair and were skipped: %s", len(skipped), len(per_group), skipped)
+    device = response_group.device
+
+    def as_long(x: list[int]) -> Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return BatchPairs(as_long(chosen), as_long(rejected), as_long(group), skipped)
+
+
+def rank_groups(scores: Scores, response_group: Tensor) -> tuple[list[Tensor], list[int]]:
+    """Per group, the flat response indices ordered best-first by score, for ``listwise_dpo_loss``.
+
+    Ties keep response order (a stable sort): Plackett-Luce then treats the earlier response as
+    better. Groups with one response are skipped and returned as the second value.
+    Example: scores ``[[1, 3, 2], [4]]``, response_group ``[0, 0, 0, 1]`` -> ``([tensor([1, 2, 0])], [1])``.
+    """
+    per_group = _split_scores(scores, response_group)
+    offsets = _group_offsets(response_group, [len(s) for s in per_group])
+    rankings: list[Tensor] = []
+    skipped: list[int] = []
+    for g, (s, offset) in enumerate(zip(per_group, offsets, strict=True)):
+        if len(s) < 2:
+            skipped.append(g)
+            continue
+        order = torch.sort(torch.tensor(s, dtype=torch.float64), descending=True, stable=True).indices
+        rankings.append((order + offset).to(response_group.device))
+    return rankings, skipped
+
+
+def listwise_dpo_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    rankings: Sequence[Tensor | Sequence[int]],
+    beta: float = 0.1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Plackett-Luce DPO over ranked groups (Rafailov et al. 2023, arXiv:2305.18290, Appendix A.3).
+
+    ``policy_logps``, ``reference_logps``: summed log-probs ``[R]``. ``rankings``: per group, the flat
+    indices of its responses best-first (sizes may differ, each >= 2). With ``r = beta (pi - ref)``
+    and a group ranked ``y_1 > ... > y_K``::
+
+        loss = -sum_k log( exp(r_k) / sum_{j >= k} exp(r_j) )
+
+    For K = 2 this is ``-logsigmoid(r_1 - r_2)``, the DPO ``sigmoid`` loss. Returns per-group losses
+    ``[num_groups]`` and detached per-group metrics: ``rewards/chosen`` (best), ``rewards/rejected``
+    (worst), ``rewards/margins``, ``rewards/accuracies`` (share of ordered pairs of the ranking whose
+    rewards agree with it), ``logps/chosen``, ``logps/rejected``.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    if policy_logps.dim() != 1 or policy_logps.shape != reference_logps.shape:
+        raise ValueError("policy_logps and reference_logps must be 1-D tensors [R] of the same shape")
+    num_responses = policy_logps.numel()
+    sizes = [len(r) for r in rankings]
+    if not sizes:
+        raise ValueError("rankings is empty")
+    num_groups, width = len(sizes), max(sizes)
+    index = torch.zeros(num_groups, width, dtype=torch.long)
+    valid = torch.zeros(num_groups, width, dtype=torch.bool)
+    for g, ranking in enumerate(rankings):
+        idx = torch.as_tensor(ranking, dtype=torch.long).cpu()
+        if idx.numel() < 2 or idx.unique().numel() != idx.numel():
+            raise ValueError(f"rankings[{g}] must hold >= 2 distinct response indices, got {idx.tolist()}")
+        if bool((idx < 0).any()) or bool((idx >= num_responses).any()):
+            raise ValueError(f"rankings[{g}] has indices outside [0, {num_responses}): {idx.tolist()}")
+        index[g, : len(idx)] = idx
+        valid[g, : len(idx)] = True
+    index, valid = index.to(policy_logps.device), valid.to(policy_logps.device)
+    rewards = beta * (policy_logps - reference_logps)
+    r = rewards[index]  # [G, K]; padding holds response 0's reward and is masked out
+    k = torch.arange(width, device=r.device)
+    # suffix[g, k, j]: j is in the remaining set {k, ..., n_g - 1}; the diagonal keeps padded rows finite
+    suffix = (k[None, None, :] >= k[None, :, None]) & (valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=r.device))
+    denom = torch.logsumexp(r[:, None, :].masked_fill(~suffix, float("-inf")), dim=-1)  # [G, K]
+    losses = -torch.where(valid, r - denom, torch.zeros_like(r)).sum(dim=1)
+
+    sizes_t = torch.tensor(sizes, device=r.device)
+    last = index.gather(1, (sizes_t - 1)[:, None]).squeeze(1)
+    rd = r.detach()
+    before = k[None, :, None] < k[None, None, :]
+    both = valid[:, :, None] & valid[:, None, :] & before
+    agree = (rd[:, :, None] > rd[:, None, :]) & both
+    chosen_r, rejected_r = rewards.detach()[index[:, 0]], rewards.detach()[last]
+    metrics = {
+        "rewards/chosen": chosen_r,
+        "rewards/rejected": rejected_r,
+        "rewards/margins": chosen_r - rejected_r,
+        "rewards/accuracies": agree.sum((1, 2)).to(r.dtype) / both.sum((1, 2)).to(r.dtype),
+        "logps/chosen": policy_logps.detach()[index[:, 0]],
+        "logps/rejected": policy_logps.detach()[last],
+    }
+    return losses, metrics
+
