@@ -295,7 +295,8 @@ def simpo(p: PairLogps, beta: float = 2.0, gamma: float = 0.5, label_smoothing: 
     """SimPO (Meng et al. 2024, arXiv:2405.14734, eq. 6), reference-free and length-normalised.
 
     ``x = beta (pi_c/len_c - pi_r/len_r) - gamma``, ``loss = -(1-eps) logsigmoid(x) - eps logsigmoid(-x)``.
-    gamma is the reward margin (TRL's ``simpo_gamma``, default 0.5); beta=2.0 as in TRL/the paper.
+    gamma is the reward margin (TRL's ``simpo_gamma``, default 0.5). beta defaults to 2.0, the
+    paper's usual value and TRL's SimPO recommendation (TRL's CPOConfig.beta itself defaults to 0.1).
     Rewards: ``beta * pi / len``. No NLL term (TRL's CPOTrainer adds ``cpo_alpha * nll``; combine
     with ``sft`` for that).
     """
