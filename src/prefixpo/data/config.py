@@ -1,0 +1,106 @@
+"""The typed, validated data config: one dataclass, loadable from a dict (YAML) or the CLI."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from prefixpo.data.errors import DataError
+
+FORMATS = ("auto", "explicit", "implicit", "ranked", "pairwise", "sft")
+TRUNCATION = ("keep_end", "keep_start", "drop", "error")
+ON_BAD_ROW = ("error", "skip")
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("PREFIXPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prefixpo")
+    return os.path.join(root, "data")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is, how to read it and how to tokenize it.
+
+    - ``dataset``: a hub name, a ``.json``/``.jsonl``/``.parquet``/``.csv`` file, or a directory
+      written by ``save_to_disk``. ``split``/``subset`` select a split and a hub config name.
+    - ``format``: one of ``FORMATS`` (``auto`` detects it from the columns); ``column_map`` maps a
+      canonical column name to the dataset's (``{"chosen": "good"}``); ``role_map`` renames roles.
+    - ``max_length`` bounds prompt + longest response, ``max_prompt_length`` the prompt.
+      ``truncation``: ``keep_end`` (keep the end of the prompt), ``keep_start``, ``drop`` (drop long
+      rows, counted) or ``error`` (long rows are bad rows). Responses always keep their start.
+    - ``min_score_ratio``: pairwise rows whose higher score is less than this times the lower are
+      filtered out (counted). ``on_bad_row``: ``error`` stops at the first bad row, ``skip`` skips
+      and reports every one.
+    - ``use_chat_template``: ``None`` uses the tokenizer's chat template when it has one.
+    """
+
+    dataset: str
+    format: str = "auto"
+    split: str = "train"
+    subset: str | None = None
+    column_map: dict[str, str] = field(default_factory=dict)
+    role_map: dict[str, str] = field(default_factory=dict)
+    max_samples: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    truncation: str = "keep_end"
+    min_score_ratio: float | None = None
+    on_bad_row: str = "error"
+    use_chat_template: bool | None = None
+    num_proc: int = 1
+    cache_dir: str | None = field(default_factory=default_cache_dir)
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise DataError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+        if not self.dataset:
+            raise DataError("dataset is empty: give a hub name, a data file or a save_to_disk directory")
+        choice("format", FORMATS)
+        choice("truncation", TRUNCATION)
+        choice("on_bad_row", ON_BAD_ROW)
+        for name in ("max_samples", "max_length", "max_prompt_length", "num_proc"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise DataError(f"{name}={value!r} must be a positive integer")
+        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
+            raise DataError(f"max_prompt_length={self.max_prompt_length} must be less than "
+                            f"max_length={self.max_length}, to leave room for the responses")
+        if self.min_score_ratio is not None and self.min_score_ratio < 1:
+            raise DataError(f"min_score_ratio={self.min_score_ratio} must be at least 1")
+        for name in ("column_map", "role_map"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in value.items()):
+                raise DataError(f"{name} must map names to names, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
+        """Build from a dict (a parsed YAML file); unknown keys are an error with a suggestion.
+
+        >>> DataConfig.from_dict({"dataset": "d.jsonl", "max_length": 512}).max_length
+        512
+        """
+        known = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise DataError(f"unknown data config key {key!r}"
+                                + (f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {known}"))
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def cache_options(self) -> dict[str, Any]:
+        """The options that change the tokenized output (not the worker count or cache place)."""
+        values = self.to_dict()
+        for key in ("num_proc", "cache_dir", "use_cache"):
+            values.pop(key)
+        return values

@@ -1,0 +1,247 @@
+"""``load_groups``: a data config and a tokenizer in, tokenized groups and a report out.
+
+    rows (loading) -> Example (formats) -> token ids (tokenize) -> truncation -> Group
+
+Rows are processed in ``num_proc`` workers with ``datasets.map``. The result is cached under
+``cache_dir`` by a hash of the data (file content, or the hub dataset's fingerprint), the
+tokenizer and every option that changes the output, so a second run does not tokenize again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import datasets
+
+from prefixpo.data.config import DataConfig
+from prefixpo.data.errors import BadRow, DataError, RowError, bad_row_error
+from prefixpo.data.formats import RowFiltered, parse_row, resolve_columns
+from prefixpo.data.loading import load_source, local_fingerprint
+from prefixpo.data.tokenize import (
+    TokenizerInfo,
+    describe_tokenizer,
+    tokenize_examples,
+    tokenizer_fingerprint,
+    truncate,
+)
+from prefixpo.layout import Group
+
+CACHE_VERSION = 1
+FEATURES = datasets.Features({
+    "row": datasets.Value("int64"), "status": datasets.Value("string"), "kind": datasets.Value("string"),
+    "column": datasets.Value("string"), "reason": datasets.Value("string"), "fix": datasets.Value("string"),
+    "truncated": datasets.Value("bool"),
+    "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+    "response_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+    "scores": datasets.Sequence(datasets.Value("float64")),
+    "prompt_length": datasets.Value("int32"),
+    "response_lengths": datasets.Sequence(datasets.Value("int32")),
+})
+GROUP_COLUMNS = ["row", "prompt_ids", "response_ids", "scores", "prompt_length", "response_lengths"]
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows: kept, bad (with row and reason), filtered on purpose, truncated."""
+
+    source: str
+    format: str
+    columns: dict[str, str]
+    rows_read: int
+    rows_kept: int
+    truncated: int
+    bad_rows: list[BadRow] = field(default_factory=list)
+    filtered: list[BadRow] = field(default_factory=list)
+    row_unit: str = "row"
+    cache_hit: bool = False
+    cache_path: str | None = None
+    seconds: float = 0.0
+
+    def counts(self, rows: list[BadRow]) -> dict[str, int]:
+        return dict(Counter(b.kind for b in rows).most_common())
+
+    def summary(self, examples: int = 5) -> str:
+        lines = [f"{self.source}: format {self.format}, {self.rows_read} rows read, {self.rows_kept} kept, "
+                 f"{len(self.bad_rows)} bad (skipped), {len(self.filtered)} filtered, {self.truncated} truncated"]
+        for title, rows in (("bad", self.bad_rows), ("filtered", self.filtered)):
+            if rows:
+                lines.append(f"  {title} by reason: {self.counts(rows)}")
+                lines += [f"    {b.describe(self.row_unit)}" for b in rows[:examples]]
+                if len(rows) > examples:
+                    lines.append(f"    ... and {len(rows) - examples} more")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DataReport:
+        values = json.loads(text)
+        for key in ("bad_rows", "filtered"):
+            values[key] = [BadRow(**b) for b in values[key]]
+        return cls(**values)
+
+
+class TokenizedGroups(Sequence[Group]):
+    """The kept groups, backed by an Arrow dataset (memory-mapped when cached); indexing gives a ``Group``.
+
+    ``dataset`` also has ``row`` (the source row), ``prompt_length`` and ``response_lengths``.
+    """
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        r = self.dataset[int(i)]
+        return Group(r["prompt_ids"], r["response_ids"], r["scores"])
+
+    def __iter__(self) -> Iterator[Group]:
+        for batch in self.dataset.select_columns(["prompt_ids", "response_ids", "scores"]).iter(1024):
+            yield from (Group(*g) for g in zip(batch["prompt_ids"], batch["response_ids"], batch["scores"],
+                                               strict=True))
+
+
+def _result(row: int, status: str = "ok", err: RowError | None = None, prompt: list[int] | None = None,
+            responses: list[list[int]] | None = None, scores: list[float] | None = None,
+            truncated: bool = False) -> dict[str, Any]:
+    responses = responses or []
+    return {"row": row, "status": status, "kind": err.kind if err else "", "column": err.column if err else "",
+            "reason": err.reason if err else "", "fix": err.fix if err else "", "truncated": truncated,
+            "prompt_ids": prompt or [], "response_ids": responses, "scores": scores,
+            "prompt_length": len(prompt or []), "response_lengths": [len(r) for r in responses]}
+
+
+def process_batch(batch: dict[str, list[Any]], fmt: str, cols: dict[str, str], cfg: DataConfig,
+                  tokenizer: Any, info: TokenizerInfo | None) -> dict[str, list[Any]]:
+    """One ``datasets.map`` batch: parse, tokenize and truncate each row, recording every failure."""
+    names = [k for k in batch if k != "_row"]
+    parsed: list[Any] = []
+    for i in range(len(batch["_row"])):
+        try:
+            if "_json" in batch:
+                try:
+                    row = json.loads(batch["_json"][i])
+                except json.JSONDecodeError as e:
+                    raise RowError("malformed_json", "-", f"not valid JSON ({e.msg} at column {e.colno})",
+                                   "fix or remove the line") from None
+                if not isinstance(row, dict):
+                    raise RowError("malformed_json", "-", f"a {type(row).__name__}, not a JSON object",
+                                   "write one JSON object per line")
+            else:
+                row = {k: batch[k][i] for k in names}
+            parsed.append(parse_row(row, fmt, cols, cfg.role_map, cfg.min_score_ratio))
+        except RowError as e:
+            parsed.append(e)
+    ok = [p for p in parsed if not isinstance(p, RowError)]
+    tokenized = iter(tokenize_examples(ok, tokenizer, info) if info is not None else [None] * len(ok))
+    results = []
+    for row_number, p in zip(batch["_row"], parsed, strict=True):
+        if isinstance(p, RowError):
+            results.append(_result(row_number, "filtered" if isinstance(p, RowFiltered) else "bad", p))
+            continue
+        t = next(tokenized)
+        if t is None:  # validation only
+            results.append(_result(row_number, scores=p.scores))
+            continue
+        try:
+            if isinstance(t, RowError):
+                raise t
+            prompt, responses, cut = truncate(t[0], t[1], cfg.max_length, cfg.max_prompt_length,
+                                              cfg.truncation, info.bos_token_id)
+            results.append(_result(row_number, "ok", None, prompt, responses, p.scores, cut))
+        except RowError as e:
+            results.append(_result(row_number, "filtered" if isinstance(e, RowFiltered) else "bad", e))
+    return {k: [r[k] for r in results] for k in FEATURES}
+
+
+def cache_key(fingerprint: str, tokenizer_fp: str, cfg: DataConfig) -> str:
+    payload = {"version": CACHE_VERSION, "data": fingerprint, "tokenizer": tokenizer_fp,
+               "options": cfg.cache_options()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _load_cached(path: str, started: float) -> tuple[TokenizedGroups, DataReport] | None:
+    if not os.path.exists(os.path.join(path, "report.json")):
+        return None
+    with open(os.path.join(path, "report.json")) as f:
+        report = DataReport.from_json(f.read())
+    report.cache_hit, report.cache_path = True, path
+    groups = TokenizedGroups(datasets.load_from_disk(os.path.join(path, "groups")))
+    report.seconds = time.perf_counter() - started
+    return groups, report
+
+
+def _save_cache(path: str, groups: datasets.Dataset, report: DataReport) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    groups.save_to_disk(os.path.join(tmp, "groups"))
+    with open(os.path.join(tmp, "report.json"), "w") as f:
+        f.write(report.to_json())
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups | None, DataReport]:
+    """Read, check and tokenize a preference (or SFT) dataset into groups.
+
+    Raises ``DataError`` on a config or column problem, and on the first bad row unless
+    ``cfg.on_bad_row == "skip"``. ``tokenizer=None`` only checks the rows (groups are ``None``).
+    """
+    started = time.perf_counter()
+    if cfg.num_proc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
+    info = describe_tokenizer(tokenizer, cfg.use_chat_template) if tokenizer is not None else None
+    tok_fp = tokenizer_fingerprint(tokenizer, info) if info is not None else ""
+    use_cache = cfg.use_cache and cfg.cache_dir is not None and info is not None
+    if use_cache and os.path.exists(cfg.dataset):  # local data: look before loading anything
+        path = os.path.join(cfg.cache_dir, cache_key(local_fingerprint(cfg.dataset), tok_fp, cfg))
+        if (hit := _load_cached(path, started)) is not None:
+            return hit
+    source = load_source(cfg)
+    fmt, cols = resolve_columns(source.columns, cfg.format, cfg.column_map)
+    path = os.path.join(cfg.cache_dir, cache_key(source.fingerprint, tok_fp, cfg)) if use_cache else None
+    if path is not None and (hit := _load_cached(path, started)) is not None:
+        return hit
+    out = source.rows.map(
+        process_batch, batched=True, batch_size=256, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+        remove_columns=source.rows.column_names, features=FEATURES, keep_in_memory=True,
+        fn_kwargs={"fmt": fmt, "cols": cols, "cfg": cfg, "tokenizer": tokenizer, "info": info},
+        new_fingerprint=hashlib.sha256(f"{source.fingerprint}{tok_fp}{cfg}".encode()).hexdigest()[:16],
+        desc="prefixpo: tokenizing")
+    status = out["status"]
+    problems = [i for i, s in enumerate(status) if s != "ok"]
+    details = out.select(problems).select_columns(["row", "status", "kind", "column", "reason", "fix"]).to_list()
+    bad = sorted((BadRow(d["row"], d["kind"], d["column"], d["reason"], d["fix"])
+                  for d in details if d["status"] == "bad"), key=lambda b: b.row)
+    filtered = sorted((BadRow(d["row"], d["kind"], d["column"], d["reason"], d["fix"])
+                       for d in details if d["status"] == "filtered"), key=lambda b: b.row)
+    unit = "line" if "_json" in source.rows.column_names and source.name.endswith(".jsonl") else "row"
+    if template := next((b for b in bad if b.kind == "template"), None):
+        raise DataError(f"{source.name}: {template.reason}.\nFix: {template.fix}")
+    if bad and cfg.on_bad_row == "error":
+        raise bad_row_error(source.name, bad[0], len(bad), unit)
+    kept = out.select([i for i, s in enumerate(status) if s == "ok"]).select_columns(GROUP_COLUMNS)
+    report = DataReport(source.name, fmt, cols, len(out), len(kept), int(sum(out["truncated"])), bad, filtered, unit)
+    if info is None:
+        report.seconds = time.perf_counter() - started
+        return None, report
+    kept = kept.flatten_indices()
+    if path is not None:
+        _save_cache(path, kept, report)
+        kept = datasets.load_from_disk(os.path.join(path, "groups"))
+        report.cache_path = path
+    report.seconds = time.perf_counter() - started
+    return TokenizedGroups(kept), report

@@ -1,0 +1,181 @@
+"""``Example`` -> token ids of the prompt and of each response, then truncation.
+
+With a chat template the prompt is rendered with the generation prompt and each response as the
+whole conversation; the prompt's ids must be a prefix of the conversation's ids, and the response
+ids are the rest. So ``prompt_ids + response_ids`` is exactly the template's tokenization of the
+conversation (its BOS once, its end-of-turn tokens where it puts them). A template that does not
+give a clean prefix is an error naming the template, never a silent mis-split.
+
+Without a template, text is used as it is: BOS (if the tokenizer adds one) + prompt, and each
+response + EOS. Chat messages are then written as ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from prefixpo.data.errors import DataError, RowError
+from prefixpo.data.formats import Example, Message, RowFiltered
+
+PLAIN_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant", "tool": "Tool"}
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the pipeline needs to know about a tokenizer, computed once (and picklable)."""
+
+    use_template: bool
+    bos_id: int | None  # BOS to put before a plain prompt (None: the tokenizer adds none)
+    eos_id: int | None
+    bos_token_id: int | None  # kept at the start of a prompt truncated from the start
+
+
+def describe_tokenizer(tokenizer: Any, use_chat_template: bool | None) -> TokenizerInfo:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template and not has_template:
+        raise DataError("use_chat_template=True but the tokenizer has no chat_template: set "
+                        "tokenizer.chat_template, or use_chat_template=False for plain text")
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
+    return TokenizerInfo(has_template if use_chat_template is None else use_chat_template,
+                         bos if adds_bos else None, tokenizer.eos_token_id, bos)
+
+
+def tokenizer_fingerprint(tokenizer: Any, info: TokenizerInfo) -> str:
+    """A hash of everything in the tokenizer that changes token ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [type(tokenizer).__name__, vocab, str(getattr(tokenizer, "chat_template", None)),
+             json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str), repr(info)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def render_plain(messages: list[Message], generation_prompt: bool = False) -> str:
+    """Chat messages as plain text, for a tokenizer with no chat template.
+
+    >>> render_plain([{"role": "user", "content": "Hi"}], generation_prompt=True)
+    '\\n\\nHuman: Hi\\n\\nAssistant:'
+    """
+    text = "".join(f"\n\n{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages)
+    return text + "\n\nAssistant:" if generation_prompt else text
+
+
+def _plain_texts(example: Example) -> tuple[str, list[str]]:
+    if isinstance(example.prompt, str):
+        return example.prompt, list(example.responses)  # type: ignore[arg-type]
+    # The generation prompt ends in "Assistant:", so a response's first (assistant) turn is " content".
+    responses = [" " + r[0]["content"] + render_plain(r[1:]) for r in example.responses]  # type: ignore[index]
+    return render_plain(example.prompt, generation_prompt=True), responses
+
+
+def _as_chat(turns: Any, role: str) -> list[Message]:
+    return [{"role": role, "content": turns}] if isinstance(turns, str) else turns
+
+
+def _render_chat(tokenizer: Any, example: Example) -> tuple[str, list[str]]:
+    prompt = _as_chat(example.prompt, "user")
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = [tokenizer.apply_chat_template(prompt + _as_chat(r, "assistant"), tokenize=False)
+                for r in example.responses]
+    except Exception as e:  # jinja's raise_exception, e.g. "System role not supported"
+        raise RowError("template_rejects", "prompt", f"the chat template cannot render this conversation: {e}",
+                       "change the conversation, or the template") from None
+    return prompt_text, full
+
+
+def _template_error(detail: str) -> RowError:
+    return RowError("template", "-", f"the chat template does not render the prompt (with the generation "
+                    f"prompt) as a prefix of the whole conversation: {detail}. Prompt and response ids "
+                    "cannot be split without changing the tokenization",
+                    "use a template whose generation prompt is a prefix of the rendered conversation "
+                    "(no text that depends on later turns, no merges across the boundary)")
+
+
+def tokenize_examples(examples: list[Example], tokenizer: Any,
+                      info: TokenizerInfo) -> list[tuple[list[int], list[list[int]]] | RowError]:
+    """Tokenize a batch of examples together; a failed example gives its ``RowError`` in place."""
+    rendered: list[tuple[str, list[str]] | RowError] = []
+    for ex in examples:
+        try:
+            rendered.append(_render_chat(tokenizer, ex) if info.use_template else _plain_texts(ex))
+        except RowError as e:
+            rendered.append(e)
+    texts = [t for r in rendered if not isinstance(r, RowError) for t in (r[0], *r[1])]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out: list[tuple[list[int], list[list[int]]] | RowError] = []
+    for r in rendered:
+        if isinstance(r, RowError):
+            out.append(r)
+            continue
+        prompt_text, rest = r
+        prompt_ids = next(ids)
+        rest_ids = [next(ids) for _ in rest]
+        if info.use_template:
+            out.append(_split_template(prompt_text, rest, prompt_ids, rest_ids))
+        else:
+            bos = [info.bos_id] if info.bos_id is not None and prompt_ids[:1] != [info.bos_id] else []
+            eos = [info.eos_id] if info.eos_id is not None else []
+            out.append((bos + prompt_ids, [x + eos for x in rest_ids]))
+    return out
+
+
+def _split_template(prompt_text: str, full_texts: list[str], prompt_ids: list[int],
+                    full_ids: list[list[int]]) -> tuple[list[int], list[list[int]]] | RowError:
+    n = len(prompt_ids)
+    for text, ids in zip(full_texts, full_ids, strict=True):
+        if not text.startswith(prompt_text):
+            at = next(i for i, (a, b) in enumerate(zip(prompt_text, text)) if a != b) \
+                if any(a != b for a, b in zip(prompt_text, text)) else min(len(prompt_text), len(text))
+            return _template_error(f"the texts differ at character {at} "
+                                   f"(prompt {prompt_text[at:at + 20]!r}, conversation {text[at:at + 20]!r})")
+        if ids[:n] != prompt_ids:
+            return _template_error(f"the texts agree but the token ids differ (prompt ends {prompt_ids[-3:]}, "
+                                   f"conversation has {ids[max(n - 3, 0):n + 1]}): the tokenizer merges "
+                                   "across the boundary")
+        if len(ids) == n:
+            return RowError("empty", "responses", "a response renders to no tokens", "remove the row")
+    return prompt_ids, [ids[n:] for ids in full_ids]
+
+
+def truncate(prompt: list[int], responses: list[list[int]], max_length: int | None,
+             max_prompt_length: int | None, mode: str, bos_id: int | None = None,
+             ) -> tuple[list[int], list[list[int]], bool]:
+    """Apply the length limits; returns ``(prompt, responses, truncated)``.
+
+    ``keep_end`` keeps the end of a long prompt (and its leading BOS), ``keep_start`` its start;
+    responses keep their start. ``drop`` raises ``RowFiltered``, ``error`` a ``RowError``.
+
+    >>> truncate([1, 5, 6, 7, 8], [[9, 9, 9]], max_length=6, max_prompt_length=3, mode="keep_end", bos_id=1)
+    ([1, 7, 8], [[9, 9, 9]], True)
+    >>> truncate([1, 5, 6, 7, 8], [[9, 9, 9]], max_length=6, max_prompt_length=3, mode="keep_start")
+    ([1, 5, 6], [[9, 9, 9]], True)
+    """
+    longest = max(len(r) for r in responses)
+    too_long = (max_prompt_length is not None and len(prompt) > max_prompt_length) or \
+        (max_length is not None and len(prompt) + longest > max_length)
+    if not too_long:
+        return prompt, responses, False
+    limits = f"max_length={max_length}, max_prompt_length={max_prompt_length}"
+    what = f"prompt {len(prompt)} + longest response {longest} tokens exceed {limits}"
+    if mode == "drop":
+        raise RowFiltered("too_long", "prompt/responses", what)
+    if mode == "error":
+        raise RowError("too_long", "prompt/responses", what, "raise the limits, or set truncation")
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        if mode == "keep_start":
+            prompt = prompt[:max_prompt_length]
+        else:
+            head = prompt[:1] if bos_id is not None and prompt[:1] == [bos_id] else []
+            prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)):]
+    if max_length is not None:
+        if len(prompt) >= max_length:
+            raise RowError("too_long", "prompt", f"the prompt has {len(prompt)} tokens, leaving no room for a "
+                           f"response within max_length={max_length}", "set max_prompt_length below max_length")
+        responses = [r[:max_length - len(prompt)] for r in responses]
+    return prompt, responses, True

@@ -1,0 +1,75 @@
+"""``prefixpo prepare``: statistics on success (exit 0), a clear message and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import datasets
+from test_data_tokenizers import FIXTURES, make_tokenizer
+
+from prefixpo import prepare
+
+datasets.disable_progress_bars()
+
+
+def run(argv):
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    return prepare.run(parser.parse_args(argv))
+
+
+def saved_tokenizer(tmp_path, style="chatml"):
+    path = tmp_path / f"tok-{style}"
+    make_tokenizer(style).save_pretrained(path)
+    return str(path)
+
+
+def test_prepare_prints_statistics(tmp_path, capsys):
+    tok = saved_tokenizer(tmp_path)
+    argv = ["--dataset", str(FIXTURES / "ranked_completions.jsonl"), "--tokenizer", tok, "--cache-dir",
+            str(tmp_path / "cache")]
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert "format ranked, 2 rows read, 2 kept, 0 bad (skipped)" in out and "tokenized in" in out
+    assert "sharing saving" in out and "packing capacity     128" in out
+    assert run(argv + ["--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["cache_hit"] and stats["rows_kept"] == 2 and stats["stats"]["suggested_capacity"] % 128 == 0
+    s = stats["stats"]
+    assert s["sharing_saving"] == s["num_separate_tokens"] / s["num_tokens"] > 1
+
+
+def test_prepare_bad_input_exits_2_with_message(tmp_path, capsys):
+    tok = saved_tokenizer(tmp_path)
+    assert run(["--dataset", str(FIXTURES / "bad_rows.jsonl"), "--tokenizer", tok, "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "bad_rows.jsonl: line 2, column prompt: prompt is empty" in err and "Traceback" not in err
+    assert run(["--dataset", str(FIXTURES / "bad_rows.jsonl"), "--tokenizer", tok, "--no-cache",
+                "--on-bad-row", "skip"]) == 0
+    assert "7 bad (skipped)" in capsys.readouterr().out
+    assert run(["--dataset", str(tmp_path / "missing.jsonl"), "--tokenizer", tok]) == 2
+    assert run(["--dataset", str(FIXTURES / "explicit_strings.jsonl"), "--tokenizer", str(tmp_path / "nope")]) == 2
+    assert "cannot load tokenizer" in capsys.readouterr().err
+
+
+def test_prepare_from_yaml_config_with_flag_override(tmp_path, capsys):
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(f"dataset: {FIXTURES / 'custom_columns.jsonl'}\ntokenizer: {saved_tokenizer(tmp_path)}\n"
+                   "column_map: {{prompt: question, chosen: good, rejected: bad}}\nmax_length: 512\nuse_cache: false\n"
+                   .replace("{{", "{").replace("}}", "}"))
+    assert run(["--config", str(cfg), "--max-samples", "1"]) == 0
+    assert "1 rows read, 1 kept" in capsys.readouterr().out
+    cfg.write_text(f"dataset: {FIXTURES / 'custom_columns.jsonl'}\nmax_lenght: 512\n")
+    assert run(["--config", str(cfg)]) == 2
+    assert "unknown data config key 'max_lenght'; did you mean 'max_length'?" in capsys.readouterr().err
+
+
+def test_prepare_without_tokenizer_checks_rows(capsys):
+    assert run(["--dataset", str(FIXTURES / "implicit_hh.jsonl")]) == 0
+    assert "rows checked only" in capsys.readouterr().out
+
+
+def test_cli_has_prepare():
+    from prefixpo.cli import COMMANDS
+    assert COMMANDS["prepare"][0] == "prefixpo.prepare"
