@@ -372,6 +372,8 @@ def test_weighted_combination():
     torch.testing.assert_close(metrics["nll"], -pc / lcd)
     torch.testing.assert_close(metrics["loss/sft"], f)
     assert loss_requires_reference(["sigmoid", "sft"])
+    single = get_loss("sft", loss_weights=[0.25])(pc, pr, rc, rr, lc, lr)[0]
+    torch.testing.assert_close(single, 0.25 * f)
     ref_free = get_loss(["simpo", "sft"], loss_weights=[1.0, 1.0])
     torch.testing.assert_close(
         ref_free(pc, pr, None, None, lc, lr)[0],

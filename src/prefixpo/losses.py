@@ -527,7 +527,8 @@ def get_loss(
         p = _validate(label, (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths), requires_reference)
         if len(bound) == 1:
-            return bound[0](p)
+            losses, metrics = bound[0](p)
+            return (losses if weights[0] == 1.0 else weights[0] * losses), metrics
         total: Tensor | None = None
         metrics: Metrics = {}
         for n, w, fn in zip(names, weights, bound, strict=True):
