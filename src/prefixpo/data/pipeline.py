@@ -216,7 +216,7 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
     if path is not None and (hit := _load_cached(path, started)) is not None:
         return hit
     out = source.rows.map(
-        process_batch, batched=True, batch_size=256, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+        process_batch, batched=True, batch_size=1000, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
         remove_columns=source.rows.column_names, features=FEATURES, keep_in_memory=True,
         fn_kwargs={"fmt": fmt, "cols": cols, "cfg": cfg, "tokenizer": tokenizer, "info": info},
         new_fingerprint=hashlib.sha256(f"{source.fingerprint}{tok_fp}{cfg}".encode()).hexdigest()[:16],

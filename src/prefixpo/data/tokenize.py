@@ -73,6 +73,16 @@ def _plain_texts(example: Example) -> tuple[str, list[str]]:
     return render_plain(example.prompt, generation_prompt=True), responses
 
 
+def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=False)["input_ids"]``, straight from the Rust tokenizer
+    when there is one (no offsets or Python encodings: about twice as fast)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in fast(texts, add_special_tokens=False)]
+
+
 def _as_chat(turns: Any, role: str) -> list[Message]:
     return [{"role": role, "content": turns}] if isinstance(turns, str) else turns
 
@@ -107,7 +117,7 @@ def tokenize_examples(examples: list[Example], tokenizer: Any,
         except RowError as e:
             rendered.append(e)
     texts = [t for r in rendered if not isinstance(r, RowError) for t in (r[0], *r[1])]
-    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    ids = iter(encode(tokenizer, texts) if texts else [])
     out: list[tuple[list[int], list[list[int]]] | RowError] = []
     for r in rendered:
         if isinstance(r, RowError):
