@@ -368,10 +368,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str = "cpu", seed: int = 0,
-                   trust_remote_code: bool = False) -> nn.Module:
+                   trust_remote_code: bool = False, attn_implementation: str = "eager") -> nn.Module:
     """A causal LM from a hub name, a local directory, or a config JSON (random weights from ``seed``).
 
-    The model is loaded with eager attention, the most literal form of the standard recipe.
+    Eager attention (the default) is the most literal form of the standard recipe.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -385,11 +385,10 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str = "cpu
             raise ValueError(f"{name_or_path} has no `model_type`; a config JSON must name its model type "
                              "(for example \"llama\")")
         config = AutoConfig.for_model(model_type, **config_dict)
-        config._attn_implementation = "eager"
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype],
-                                                     attn_implementation="eager", use_safetensors=True,
+                                                     attn_implementation=attn_implementation, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     return model.to(device)

@@ -22,11 +22,14 @@ from torch import nn
 from prefixpo.layout import Group, collate_groups
 
 # Tolerances: summed log-probs (absolute) and gradients (relative to the largest entry of each
-# parameter's reference gradient). bf16 bounds are looser: the two paths round differently.
+# parameter's reference gradient). fp32 sums may differ by 1e-4, or by 1e-6 per scored token
+# where that is larger: a log-prob of ~12 nats (vocab 128k) carries ~1e-6 of fp32 rounding, so
+# long responses of large-vocabulary models exceed a flat 1e-4 by rounding alone
+# (docs/verification.md). bf16 bounds are looser: the two paths round differently in bf16.
 TOLERANCES = {
-    torch.float32: {"logps": 1e-4, "grads": 1e-4},
-    torch.bfloat16: {"logps_per_token": 2e-2, "grads": 5e-2},
-    torch.float16: {"logps_per_token": 1e-2, "grads": 5e-2},
+    torch.float32: {"logps": 1e-4, "logps_per_token": 1e-6, "grads": 1e-4},
+    torch.bfloat16: {"logps_per_token": 2e-2, "grads": 1e-1},
+    torch.float16: {"logps_per_token": 1e-2, "grads": 1e-1},
 }
 
 
@@ -100,20 +103,26 @@ class Comparison:
 
     def within(self, dtype: torch.dtype) -> bool:
         tol = TOLERANCES[dtype]
-        ok = (self.max_abs_logps <= tol["logps"]) if "logps" in tol else \
-            (self.max_abs_logps_per_token <= tol["logps_per_token"])
+        diffs = [abs(a - b) for a, b in zip(self.logps_separate, self.logps_shared)]
+        ok = all(d <= max(tol.get("logps", 0.0), tol["logps_per_token"] * n)
+                 for d, n in zip(diffs, self.token_counts))
         return ok and (self.max_rel_grads is None or self.max_rel_grads <= tol["grads"])
 
 
-def _run(model: nn.Module, groups: Sequence[Group], logps_fn: Callable, with_grads: bool):
+def _run(model: nn.Module, groups: Sequence[Group], logps_fn: Callable, with_grads: bool, per_group: bool):
+    """Token log-probs and loss gradients; ``per_group`` runs one group at a time (the loss is a
+    sum over groups, so the gradients are the same and the memory is one group's)."""
     model.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(with_grads):
-        token_logps = logps_fn(model, groups)
-        if with_grads:
-            verification_loss(groups, token_logps).backward()
+    token_logps: list[torch.Tensor] = []
+    for part in ([[g] for g in groups] if per_group else [groups]):
+        with torch.set_grad_enabled(with_grads):
+            part_logps = logps_fn(model, part)
+            if with_grads:
+                verification_loss(part, part_logps).backward()
+        token_logps += [t.detach() for t in part_logps]
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    return [t.detach() for t in token_logps], grads
+    return token_logps, grads
 
 
 def compare(model: nn.Module, groups: Sequence[Group], backend: str, with_grads: bool = True,
@@ -122,9 +131,9 @@ def compare(model: nn.Module, groups: Sequence[Group], backend: str, with_grads:
     from prefixpo.modeling import apply_prefix_attention
 
     model.eval()  # no dropout: both paths must see the same function
-    sep, sep_grads = _run(model, groups, separate_logps, with_grads)
+    sep, sep_grads = _run(model, groups, separate_logps, with_grads, per_group=True)
     apply_prefix_attention(model, backend, self_check=check_architecture)
-    shr, shr_grads = _run(model, groups, lambda m, g: shared_logps(m, g, chunk_size), with_grads)
+    shr, shr_grads = _run(model, groups, lambda m, g: shared_logps(m, g, chunk_size), with_grads, per_group=False)
     # sums in float64, so the comparison sees the tokens' differences and not the summation order
     sep_sums = [t.double().sum().item() for t in sep]
     shr_sums = [t.double().sum().item() for t in shr]
@@ -188,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logps-chunk-size", type=int, default=64)
     parser.add_argument("--no-grads", action="store_true", help="compare log-probs only")
     parser.add_argument("--json", metavar="PATH", help="also write the groups and results as JSON")
+    parser.add_argument("--oracle-attention", choices=["eager", "sdpa"], default="eager",
+                        help="transformers attention for the separate-sequence side (sdpa needs less memory)")
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -211,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
         print("note: FlexAttention has no backward pass on CPU; comparing log-probs only", file=sys.stderr)
         with_grads = False
     try:
-        model = load_causal_lm(args.model, args.dtype, args.device, args.seed, args.trust_remote_code)
+        model = load_causal_lm(args.model, args.dtype, args.device, args.seed, args.trust_remote_code,
+                               attn_implementation=args.oracle_attention)
     except (OSError, ValueError) as err:
         return _bad_arguments(f"cannot load model {args.model!r}: {err}")
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -242,7 +254,7 @@ def _print_table(args, backend, groups, result: Comparison, dtype) -> None:
                   f"{abs(a - b):>10.2e}")
             k += 1
     tol = TOLERANCES[dtype]
-    print("tolerance: " + ", ".join(f"{k}<={v:g}" for k, v in tol.items()) +
+    print("tolerance: " + ", ".join(f"{k}<={v:g}" for k, v in tol.items()) + " (sums: the larger bound)" +
           f"  -> {'PASS' if result.within(dtype) else 'FAIL'}")
 
 
