@@ -64,6 +64,7 @@ class GroupLayout:
     scored_targets: list[int]
     scored_response: list[int]
     num_responses: int
+    scores: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -94,8 +95,13 @@ def layout_group(group: Group) -> GroupLayout:
         scored_source += [num_prompt - 1] + list(range(start, start + len(response) - 1))
         scored_targets += response
         scored_response += [i] * len(response)
+    scores = None
+    if group.scores is not None:
+        scores = [float(x) for x in group.scores]
+        if len(scores) != len(responses):
+            raise ValueError(f"the group has {len(responses)} responses but {len(scores)} scores")
     return GroupLayout(input_ids, position_ids, segment_ids, scored_source, scored_targets,
-                       scored_response, len(responses))
+                       scored_response, len(responses), scores)
 
 
 @dataclass
@@ -107,7 +113,8 @@ class Batch:
     ``scored_targets`` and ``scored_response`` are ``[S]`` over all scored tokens;
     ``response_lengths`` and ``response_group`` are ``[R]`` over all responses, in group order
     and response order within a group. ``document_ids`` numbers the groups of the batch
-    (padding is ``PAD_DOCUMENT``).
+    (padding is ``PAD_DOCUMENT``). ``response_scores`` ``[R]`` holds the groups' scores (NaN for
+    a group without scores).
     """
 
     input_ids: torch.Tensor
@@ -120,6 +127,7 @@ class Batch:
     response_lengths: torch.Tensor
     response_group: torch.Tensor
     num_groups: int
+    response_scores: torch.Tensor | None = None  # [R] float, NaN where a group has no scores
 
     @property
     def num_responses(self) -> int:
@@ -169,6 +177,7 @@ def build_batch(rows: Sequence[Sequence[GroupLayout]], row_length: int | None = 
     scored_response: list[int] = []
     response_lengths: list[int] = []
     response_group: list[int] = []
+    response_scores: list[float] = []
     group_index = 0
     for r, row in enumerate(rows):
         offset = 0
@@ -185,6 +194,7 @@ def build_batch(rows: Sequence[Sequence[GroupLayout]], row_length: int | None = 
             scored_response += [first_response + i for i in g.scored_response]
             response_lengths += [g.scored_response.count(i) for i in range(g.num_responses)]
             response_group += [group_index] * g.num_responses
+            response_scores += list(g.scores) if g.scores is not None else [float("nan")] * g.num_responses
             offset += len(g)
             group_index += 1
     return Batch(
@@ -198,6 +208,7 @@ def build_batch(rows: Sequence[Sequence[GroupLayout]], row_length: int | None = 
         response_lengths=torch.tensor(response_lengths, dtype=torch.long),
         response_group=torch.tensor(response_group, dtype=torch.long),
         num_groups=group_index,
+        response_scores=torch.tensor(response_scores, dtype=torch.float32),
     )
 
 

@@ -1,0 +1,203 @@
+"""Packing whole groups into fixed-capacity rows, and spreading rows over ranks (DESIGN.md section 2).
+
+Groups are never split. Each epoch the groups are shuffled (seed + epoch), cut into windows,
+and each window is packed first-fit-decreasing, so rows fill well while the data order stays
+random and reproducible. Rows are padded to the smallest of a few bucket lengths, so compiled
+kernels see few shapes::
+
+    lengths [5, 3, 4, 2], capacity 8, window 4 -> decreasing 5 4 3 2 -> rows [[5, 3], [4, 2]]
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prefixpo.layout import Group
+
+TRUNCATION_POLICIES = ("error", "truncate", "drop")
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    """``capacity``: tokens per row (a multiple of 128). ``window``: groups packed together (the
+    larger, the fuller the rows, the less local the shuffle). ``num_buckets``: row lengths used.
+    ``truncation``: what happens to a group longer than a row."""
+
+    capacity: int = 8192
+    window: int = 1000
+    num_buckets: int = 4
+    truncation: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.capacity < 128 or self.capacity % 128:
+            raise ValueError(f"packing_capacity must be a positive multiple of 128, got {self.capacity}")
+        if self.window < 1 or self.num_buckets < 1:
+            raise ValueError("packing window and num_buckets must be at least 1")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"unknown truncation policy {self.truncation!r}; choose one of "
+                             f"{', '.join(TRUNCATION_POLICIES)}")
+
+
+def bucket_lengths(capacity: int, num_buckets: int) -> list[int]:
+    """Evenly spaced row lengths, multiples of 128, ending at ``capacity``.
+
+    >>> bucket_lengths(8192, 4)
+    [2048, 4096, 6144, 8192]
+    >>> bucket_lengths(384, 4)
+    [128, 256, 384]
+    """
+    lengths = {-(-capacity * k // num_buckets // 128) * 128 for k in range(1, num_buckets + 1)}
+    return sorted(n for n in lengths if n > 0)
+
+
+def row_length(used: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``used`` tokens."""
+    for n in buckets:
+        if used <= n:
+            return n
+    raise ValueError(f"{used} tokens exceed the largest bucket {buckets[-1]}")
+
+
+def fit_group(group: Group, capacity: int) -> Group:
+    """Shorten a group to ``capacity`` tokens: the longest response loses its last token until the
+    group fits; when every response is down to one token, the prompt loses its first tokens.
+
+    >>> fit_group(Group([1, 2, 3], [[4, 5, 6, 7], [8, 9]]), 7).response_ids
+    [[4, 5], [8, 9]]
+    """
+    prompt = list(group.prompt_ids)
+    responses = [list(r) for r in group.response_ids]
+    excess = len(prompt) + sum(map(len, responses)) - capacity
+    while excess > 0:
+        longest = max(range(len(responses)), key=lambda i: len(responses[i]))
+        if len(responses[longest]) > 1:
+            responses[longest].pop()
+        elif len(prompt) > 1:
+            prompt.pop(0)
+        else:
+            raise ValueError(f"a group of {len(responses)} responses cannot fit in {capacity} tokens")
+        excess -= 1
+    return Group(prompt, responses, group.scores)
+
+
+def check_lengths(groups: Sequence[Group], config: PackingConfig) -> tuple[list[Group], list[int], list[int]]:
+    """Apply the truncation policy before any row is built: returns the groups to pack, the
+    indices that were truncated and the indices that were dropped. With ``error`` a group longer
+    than a row raises, naming it, before training starts."""
+    kept, truncated, dropped = [], [], []
+    for i, g in enumerate(groups):
+        if g.num_tokens <= config.capacity:
+            kept.append(g)
+        elif config.truncation == "truncate":
+            kept.append(fit_group(g, config.capacity))
+            truncated.append(i)
+        elif config.truncation == "drop":
+            dropped.append(i)
+        else:
+            raise ValueError(
+                f"group {i} has {g.num_tokens} tokens (prompt {len(g.prompt_ids)}, responses "
+                f"{[len(r) for r in g.response_ids]}), more than packing_capacity {config.capacity}; raise "
+                "packing_capacity, lower max_length, or set the packing truncation to 'truncate' or 'drop'")
+    return kept, truncated, dropped
+
+
+def pack(lengths: Sequence[int], capacity: int, seed: int, window: int = 1000) -> list[list[int]]:
+    """Indices of ``lengths`` packed into rows of at most ``capacity`` tokens, rows in random order.
+
+    Deterministic in ``seed``; every index appears in exactly one row.
+
+    >>> pack([5, 3, 4, 2], capacity=8, seed=0, window=4)
+    [[0, 1], [2, 3]]
+    """
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a group of {max(lengths)} tokens exceeds the row capacity {capacity}")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        open_rows: list[list[int]] = []
+        free: list[int] = []
+        for i in chunk:
+            for r, room in enumerate(free):
+                if lengths[i] <= room:
+                    open_rows[r].append(i)
+                    free[r] -= lengths[i]
+                    break
+            else:
+                open_rows.append([i])
+                free.append(capacity - lengths[i])
+        rows += open_rows
+    rng.shuffle(rows)
+    return rows
+
+
+def split_rows_over_ranks(rows: Sequence[Sequence[int]], lengths: Sequence[int], world_size: int,
+                          seed: int) -> list[list[list[int]]]:
+    """Deal rows to ranks: every rank gets the same number of rows (empty rows fill the last
+    round) and, at each step, rows of similar token counts, so no rank waits long for another.
+
+    Rows are sorted by tokens, cut into rounds of ``world_size``, dealt in snake order, and the
+    rounds shuffled (the same permutation on every rank).
+
+    >>> split_rows_over_ranks([[0], [1], [2]], [5, 3, 4], world_size=2, seed=0)
+    [[[0], []], [[2], [1]]]
+    """
+    tokens = [sum(lengths[i] for i in row) for row in rows]
+    ordered = [list(rows[i]) for i in sorted(range(len(rows)), key=lambda i: -tokens[i])]
+    ordered += [[] for _ in range(-len(ordered) % world_size)]
+    rounds = [ordered[k:k + world_size] for k in range(0, len(ordered), world_size)]
+    for k in range(1, len(rounds), 2):
+        rounds[k].reverse()
+    random.Random(seed).shuffle(rounds)
+    return [[r[rank] for r in rounds] for rank in range(world_size)]
+
+
+@dataclass(frozen=True)
+class PackingStats:
+    """``fill_ratio``: real tokens / (rows x capacity); ``padded_fill``: real tokens / padded row
+    tokens; ``sharing_saving``: tokens as separate sequences / tokens as shared groups."""
+
+    num_groups: int
+    num_rows: int
+    tokens: int
+    separate_tokens: int
+    capacity: int
+    padded_tokens: int
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.tokens / max(self.num_rows * self.capacity, 1)
+
+    @property
+    def padded_fill(self) -> float:
+        return self.tokens / max(self.padded_tokens, 1)
+
+    @property
+    def groups_per_row(self) -> float:
+        return self.num_groups / max(self.num_rows, 1)
+
+    @property
+    def sharing_saving(self) -> float:
+        return self.separate_tokens / max(self.tokens, 1)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"groups": self.num_groups, "rows": self.num_rows, "fill_ratio": round(self.fill_ratio, 4),
+                "padded_fill": round(self.padded_fill, 4), "groups_per_row": round(self.groups_per_row, 2),
+                "sharing_saving": round(self.sharing_saving, 4)}
+
+
+def packing_stats(groups: Sequence[Group], rows: Sequence[Sequence[int]], config: PackingConfig) -> PackingStats:
+    buckets = bucket_lengths(config.capacity, config.num_buckets)
+    used = [sum(groups[i].num_tokens for i in row) for row in rows]
+    return PackingStats(
+        num_groups=sum(len(r) for r in rows),
+        num_rows=len(rows),
+        tokens=sum(used),
+        separate_tokens=sum(groups[i].num_separate_tokens for row in rows for i in row),
+        capacity=config.capacity,
+        padded_tokens=sum(row_length(u, buckets) for u in used if u),
+    )

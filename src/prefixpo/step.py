@@ -1,0 +1,137 @@
+"""One optimizer step's loss, normalised so packing cannot change it (DESIGN.md section 4).
+
+A preference loss is the mean over **all pairs of the step**: across micro-batches, packed rows
+and data-parallel ranks. Before the first backward the step counts its pairs on every rank and
+sums them across ranks (N). Each micro-batch then backpropagates ``sum(its pair losses) * W / N``,
+where W is the world size, because data-parallel engines average gradients over ranks. The
+gradient is then that of ``mean over the step's N pairs``, whatever the packing, the micro-batch
+size, the accumulation or the number of ranks. SFT does the same over target tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from prefixpo.layout import Batch
+from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps, compute_logps
+from prefixpo.modeling import build_attention_masks
+from prefixpo.pairs import BatchPairs, PairConfig, batch_pairs
+
+
+def batch_pair_indices(batch: Batch, pair_config: PairConfig | None = None) -> BatchPairs:
+    """Pairs of a batch. A group with scores gives pairs by ``pair_config``; a group without is a
+    (chosen, rejected) pair: response 0 preferred to response 1."""
+    if batch.num_groups == 0:  # an empty padding row
+        empty = torch.zeros(0, dtype=torch.long)
+        return BatchPairs(empty, empty, empty, [])
+    sizes = torch.bincount(batch.response_group, minlength=batch.num_groups)
+    scores = batch.response_scores
+    if scores is None:
+        scores = torch.full((int(sizes.sum()),), float("nan"))
+    unscored = torch.isnan(scores)
+    if bool(unscored.any()):
+        group_unscored = torch.zeros(batch.num_groups, dtype=torch.bool).index_fill_(
+            0, batch.response_group[unscored], True)
+        bad = (group_unscored & (sizes != 2)).nonzero()
+        if len(bad):
+            g = int(bad[0])
+            raise ValueError(f"group {g} of the batch has {int(sizes[g])} responses and no scores; groups "
+                             "without scores must be (chosen, rejected) pairs")
+        first = torch.cat([torch.ones(1, dtype=torch.bool), batch.response_group[1:] != batch.response_group[:-1]])
+        scores = torch.where(unscored, first.float(), scores)  # chosen 1, rejected 0
+    config = pair_config or PairConfig()
+    return batch_pairs(scores, batch.response_group, config.strategy, config.min_gap)
+
+
+def global_sum(value: float, device: torch.device | str = "cpu") -> float:
+    """``value`` summed over data-parallel ranks (itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@dataclass
+class StepResult:
+    """``loss``: this rank's share of the step mean (summing over ranks gives the step mean);
+    ``count``: the step's pairs (or target tokens for SFT) over all ranks; ``metrics``: sums over
+    this rank's pairs of each per-pair metric (divide the global sum by ``count``)."""
+
+    loss: float
+    count: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+ReferenceFn = Callable[[Batch, object], ResponseLogps]
+
+
+def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ReferenceFn:
+    """Reference log-probs from a frozen model, fed the same batch and the same masks."""
+
+    @torch.no_grad()
+    def fn(batch: Batch, masks: object) -> ResponseLogps:
+        return compute_logps(reference, batch, masks, chunk_size)
+
+    return fn
+
+
+def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn,
+                    reference: ReferenceFn | None = None, pair_config: PairConfig | None = None,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> StepResult:
+    """Forward and backward every micro-batch of one optimizer step (no optimizer update)."""
+    device = next(policy.parameters()).device
+    pairs = [batch_pair_indices(mb, pair_config) for mb in micro_batches]
+    total = global_sum(sum(p.num_pairs for p in pairs), device)
+    if total == 0:
+        raise ValueError("the optimizer step has no preference pair on any rank")
+    scale = world_size() / total
+    loss_sum = torch.zeros((), device=device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for mb, pr in zip(micro_batches, pairs):
+        masks = build_attention_masks(policy, mb)
+        logps = compute_logps(policy, mb, masks, chunk_size)
+        if pr.num_pairs == 0:  # an empty row: still run backward, so data-parallel ranks stay in step
+            (logps.token_logps.sum() * 0.0).backward()
+            continue
+        ref = reference(mb, masks) if reference is not None else None
+        c, r = pr.chosen_idx.to(device), pr.rejected_idx.to(device)
+        losses, metrics = loss_fn(logps.sums[c], logps.sums[r],
+                                  ref.sums[c] if ref is not None else None,
+                                  ref.sums[r] if ref is not None else None,
+                                  logps.counts[c], logps.counts[r])
+        loss = losses.sum()
+        (loss * scale).backward()
+        loss_sum += loss.detach()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float().sum()
+    # one host sync per step, after all the work is queued
+    return StepResult(loss=loss_sum.item() / total, count=total,
+                      metrics={k: float(v) for k, v in metric_sums.items()})
+
+
+def sft_step(policy: nn.Module, micro_batches: Sequence[Batch],
+             chunk_size: int = DEFAULT_CHUNK_SIZE) -> StepResult:
+    """SFT: the mean negative log-likelihood over all target tokens of the step."""
+    device = next(policy.parameters()).device
+    total = global_sum(sum(int(mb.scored_targets.numel()) for mb in micro_batches), device)
+    if total == 0:
+        raise ValueError("the optimizer step has no target token on any rank")
+    scale = world_size() / total
+    loss_sum = torch.zeros((), device=device)
+    for mb in micro_batches:
+        logps = compute_logps(policy, mb, chunk_size=chunk_size)
+        loss = -logps.token_logps.sum()
+        (loss * scale).backward()
+        loss_sum += loss.detach()
+    return StepResult(loss=loss_sum.item() / total, count=total)

@@ -1,0 +1,93 @@
+import random
+from pathlib import Path
+
+import pytest
+
+from prefixpo.layout import Group
+from prefixpo.packing import (
+    PackingConfig,
+    bucket_lengths,
+    check_lengths,
+    fit_group,
+    pack,
+    packing_stats,
+    row_length,
+    split_rows_over_ranks,
+)
+from prefixpo.profiles import load_profiles, sample_lengths
+
+PROFILES = Path(__file__).resolve().parents[2] / "shared" / "bench_profiles.json"
+
+
+def random_lengths(n, seed, high=900):
+    rng = random.Random(seed)
+    return [rng.randint(2, high) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("capacity, window", [(1024, 7), (1024, 1000), (2048, 50)])
+def test_rows_respect_capacity_and_hold_every_group_once(seed, capacity, window):
+    lengths = random_lengths(300, seed)
+    rows = pack(lengths, capacity, seed=seed, window=window)
+    assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+    flat = [i for row in rows for i in row]
+    assert sorted(flat) == list(range(len(lengths)))  # every group exactly once, none split
+
+
+def test_order_is_reproducible_per_seed_and_changes_per_epoch():
+    lengths = random_lengths(200, 0)
+    assert pack(lengths, 2048, seed=3) == pack(lengths, 2048, seed=3)
+    assert pack(lengths, 2048, seed=3) != pack(lengths, 2048, seed=4)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_ranks_get_equal_row_counts_balanced_tokens_and_every_group_once(world_size):
+    lengths = random_lengths(500, world_size, high=600)
+    rows = pack(lengths, 2048, seed=0, window=100)
+    per_rank = split_rows_over_ranks(rows, lengths, world_size, seed=0)
+    assert len({len(r) for r in per_rank}) == 1  # same number of steps on every rank
+    flat = sorted(i for rank in per_rank for row in rank for i in row)
+    assert flat == list(range(len(lengths)))
+    tokens = [sum(lengths[i] for row in rank for i in row) for rank in per_rank]
+    assert max(tokens) - min(tokens) <= 2048  # within one row of each other
+
+
+def test_buckets():
+    assert bucket_lengths(8192, 4) == [2048, 4096, 6144, 8192]
+    assert row_length(2049, bucket_lengths(8192, 4)) == 4096
+    with pytest.raises(ValueError):
+        row_length(9000, [8192])
+
+
+def test_capacity_must_be_a_multiple_of_128():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        PackingConfig(capacity=1000)
+
+
+def test_too_long_groups_are_named_truncated_or_dropped():
+    groups = [Group([1] * 60, [[2] * 20, [3] * 30]), Group([1] * 200, [[2] * 10, [3] * 10])]
+    with pytest.raises(ValueError, match="group 1 has 220 tokens"):
+        check_lengths(groups, PackingConfig(capacity=128))
+    kept, truncated, dropped = check_lengths(groups, PackingConfig(capacity=128, truncation="truncate"))
+    assert truncated == [1] and dropped == [] and kept[1].num_tokens == 128
+    kept, truncated, dropped = check_lengths(groups, PackingConfig(capacity=128, truncation="drop"))
+    assert dropped == [1] and len(kept) == 1
+
+
+def test_fit_group_shortens_responses_before_the_prompt():
+    g = fit_group(Group(list(range(10)), [[1] * 5, [2]]), 8)
+    assert [len(r) for r in g.response_ids] == [1, 1] and g.prompt_ids == list(range(4, 10))
+
+
+@pytest.mark.skipif(not PROFILES.is_file(), reason="needs ../shared/bench_profiles.json")
+@pytest.mark.parametrize("name", ["capybara", "hh-rlhf", "metamath-dpo", "tldr", "tulu-helpsteer", "ultrafeedback"])
+def test_fill_ratio_at_8192_is_at_least_95_percent(name):
+    profiles = load_profiles(PROFILES)
+    lengths = sample_lengths(profiles["profiles"][name], 512, seed=0)
+    groups = [Group([0] * p, [[0] * r for r in rs]) for p, rs in lengths]
+    config = PackingConfig(capacity=8192)
+    rows = pack([g.num_tokens for g in groups], config.capacity, seed=0, window=config.window)
+    stats = packing_stats(groups, rows, config)
+    print(name, stats.as_dict())
+    assert stats.fill_ratio >= 0.95
+    assert stats.sharing_saving > 1.0

@@ -1,0 +1,135 @@
+"""Packing, micro-batching, accumulation and ranks must not change the step's loss or gradient."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import oracle_token_logps, tiny_model
+
+from prefixpo.layout import Group, build_batch, layout_group
+from prefixpo.losses import get_loss
+from prefixpo.modeling import apply_prefix_attention
+from prefixpo.packing import pack
+from prefixpo.step import batch_pair_indices, preference_step, reference_from_model, sft_step
+
+BETA = 0.1
+
+
+def make_groups(seed=0, vocab=512):
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        return torch.randint(0, vocab, (int(torch.randint(low, high, (1,), generator=gen)),), generator=gen).tolist()
+
+    groups = [Group(ids(1, 60), [ids(1, 50), ids(1, 50)]) for _ in range(7)]
+    groups.append(Group(ids(5, 40), [ids(1, 30), ids(1, 30), ids(1, 30)], scores=[2.0, 0.5, 1.0]))
+    return groups
+
+
+def oracle_pairs(group):
+    if group.scores is None:
+        return [(0, 1)]
+    return [(0, 1), (0, 2), (2, 1)]  # scores [2.0, 0.5, 1.0], every pair with a positive gap
+
+
+def oracle_step(policy, reference, groups):
+    """Separate sequences, the DPO reference formula, the mean over all pairs of the step."""
+    policy.zero_grad(set_to_none=True)
+    losses = []
+    for g in groups:
+        pol = [oracle_token_logps(policy, list(g.prompt_ids), list(r)).sum() for r in g.response_ids]
+        with torch.no_grad():
+            ref = [oracle_token_logps(reference, list(g.prompt_ids), list(r)).sum() for r in g.response_ids]
+        for c, r in oracle_pairs(g):
+            losses.append(-F.logsigmoid(BETA * ((pol[c] - pol[r]) - (ref[c] - ref[r]))))
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+
+def shared_step(policy, reference, micro_batches):
+    policy.zero_grad(set_to_none=True)
+    result = preference_step(policy, micro_batches, get_loss("sigmoid", beta=BETA),
+                             reference=reference_from_model(reference), chunk_size=32)
+    return result, {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+
+def assert_same(loss, grads, want_loss, want_grads):
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    for name, w in want_grads.items():
+        rel = (grads[name] - w).abs().max() / w.abs().max()
+        assert rel <= 1e-5, f"{name}: {rel:.2e}"
+
+
+def unpacked(groups, per_micro_batch):
+    layouts = [layout_group(g) for g in groups]
+    return [build_batch([[lay] for lay in layouts[i:i + per_micro_batch]])
+            for i in range(0, len(layouts), per_micro_batch)]
+
+
+def packed(groups, capacity, rows_per_micro_batch, seed=0):
+    layouts = [layout_group(g) for g in groups]
+    rows = pack([len(lay) for lay in layouts], capacity, seed=seed, window=4)
+    row_layouts = [[layouts[i] for i in row] for row in rows]
+    assert max(len(r) for r in row_layouts) > 1  # really packed
+    return [build_batch(row_layouts[i:i + rows_per_micro_batch], row_length=capacity)
+            for i in range(0, len(row_layouts), rows_per_micro_batch)]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def models(request):
+    policy = tiny_model(request.param, seed=0)
+    reference = tiny_model(request.param, seed=1)
+    groups = make_groups()
+    want = oracle_step(policy, reference, groups)
+    apply_prefix_attention(policy, "sdpa")
+    apply_prefix_attention(reference, "sdpa")
+    return policy, reference, groups, want
+
+
+@pytest.mark.parametrize("layout", [
+    ("unpacked", 1), ("unpacked", 3), ("unpacked", 8),
+    ("packed", 256, 1), ("packed", 256, 2), ("packed", 384, 1), ("packed", 1024, 1),
+])
+def test_step_equals_separate_sequences(models, layout):
+    policy, reference, groups, (want_loss, want_grads) = models
+    micro_batches = unpacked(groups, layout[1]) if layout[0] == "unpacked" else packed(groups, *layout[1:])
+    result, grads = shared_step(policy, reference, micro_batches)
+    assert result.count == 10  # 7 pairs + 3 from the scored group
+    assert_same(result.loss, grads, want_loss, want_grads)
+
+
+def test_sft_step_is_the_token_mean_over_the_step():
+    model = tiny_model("llama")
+    groups = [Group(g.prompt_ids, g.response_ids[:1]) for g in make_groups()]
+    model.zero_grad(set_to_none=True)
+    token_logps = torch.cat([oracle_token_logps(model, list(g.prompt_ids), list(g.response_ids[0])) for g in groups])
+    (-token_logps.mean()).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    apply_prefix_attention(model, "sdpa")
+    for micro_batches in (unpacked(groups, 1), unpacked(groups, 5), packed(groups, 256, 1)):
+        model.zero_grad(set_to_none=True)
+        result = sft_step(model, micro_batches, chunk_size=16)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert_same(result.loss, grads, -token_logps.mean().item(), want)
+
+
+def test_unscored_groups_must_be_pairs():
+    batch = build_batch([[layout_group(Group([1], [[2], [3], [4]]))]])
+    with pytest.raises(ValueError, match="group 0 of the batch has 3 responses and no scores"):
+        batch_pair_indices(batch)
+
+
+def test_an_empty_row_keeps_ranks_in_step(models):
+    policy, reference, groups, (want_loss, want_grads) = models
+    micro_batches = unpacked(groups, 8) + [build_batch([[]], row_length=128)]
+    result, grads = shared_step(policy, reference, micro_batches)
+    assert_same(result.loss, grads, want_loss, want_grads)
+
+
+def test_copies_do_not_share_state():
+    policy = tiny_model("llama")
+    clone = copy.deepcopy(policy)
+    apply_prefix_attention(policy, "sdpa")
+    assert clone.config._attn_implementation == "eager"
