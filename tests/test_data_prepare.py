@@ -32,7 +32,7 @@ def test_prepare_prints_statistics(tmp_path, capsys):
     assert run(argv) == 0
     out = capsys.readouterr().out
     assert "format ranked, 2 rows read, 2 kept, 0 bad (skipped)" in out and "tokenized in" in out
-    assert "sharing saving" in out and "packing capacity     128" in out
+    assert "sharing saving" in out and "packing capacity     4096" in out and "groups per row" in out
     assert run(argv + ["--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["cache_hit"] and stats["rows_kept"] == 2 and stats["stats"]["suggested_capacity"] % 128 == 0

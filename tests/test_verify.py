@@ -77,3 +77,23 @@ def test_argparse_errors_exit_2():
     with pytest.raises(SystemExit) as exc:
         verify("--model", "x", "--backend", "nonsense")
     assert exc.value.code == 2
+
+
+def test_verify_packing_passes_and_packs_several_groups_per_row(capsys):
+    assert verify("--model", str(CONFIGS / "tiny-qwen3.json"), "--packing", "--num-groups", "6") == 0
+    out = capsys.readouterr().out
+    assert "packing=auto" in out and "PASS" in out
+
+
+def test_verify_packing_fails_when_groups_in_a_row_see_each_other(monkeypatch):
+    def no_document_rule(document_ids, segment_ids, position_ids, sliding_window=None):
+        def mask_mod(b, h, q, k):
+            key_segment = segment_ids[b, k]
+            return (k <= q) & ((key_segment == 0) | (key_segment == segment_ids[b, q]))
+        return mask_mod
+
+    monkeypatch.setattr(prefixpo.masks, "prefix_mask_mod", no_document_rule)
+    # one group per row: the missing document rule cannot matter ...
+    assert verify("--model", str(CONFIGS / "tiny-llama.json"), "--num-groups", "4") == 0
+    # ... packed, it must be caught
+    assert verify("--model", str(CONFIGS / "tiny-llama.json"), "--num-groups", "4", "--packing") == 1

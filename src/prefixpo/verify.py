@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixpo.layout import Group, collate_groups
+from prefixpo.layout import Group, build_batch, layout_group, round_up
 
 # Tolerances: summed log-probs (absolute) and gradients (relative to the largest entry of each
 # parameter's reference gradient). fp32 sums may differ by 1e-4, or by 1e-6 per scored token
@@ -70,13 +70,24 @@ def separate_logps(model: nn.Module, groups: Sequence[Group]) -> list[torch.Tens
     return [logps[i, p - 1 : p - 1 + n] for i, (p, n) in enumerate(spans)]
 
 
-def shared_logps(model: nn.Module, groups: Sequence[Group], chunk_size: int = 64) -> list[torch.Tensor]:
-    """The same per-token log-probs through prefixpo's shared layout (model already switched)."""
+def shared_logps(model: nn.Module, groups: Sequence[Group], chunk_size: int = 64,
+                 packing_capacity: int | None = None) -> list[torch.Tensor]:
+    """The same per-token log-probs through prefixpo's shared layout (model already switched),
+    one group per row, or packed into rows of ``packing_capacity`` tokens."""
     from prefixpo.logprobs import compute_logps
+    from prefixpo.packing import pack
 
-    batch = collate_groups(groups).to(next(model.parameters()).device)
-    out = compute_logps(model, batch, chunk_size=chunk_size)
-    return list(out.token_logps.split(batch.response_lengths.tolist()))
+    layouts = [layout_group(g) for g in groups]
+    if packing_capacity is None:
+        rows = [[i] for i in range(len(groups))]
+    else:
+        rows = pack([len(lay) for lay in layouts], packing_capacity, seed=0)
+    order = [i for row in rows for i in row]
+    batch = build_batch([[layouts[i] for i in row] for row in rows], row_length=packing_capacity)
+    out = compute_logps(model, batch.to(next(model.parameters()).device), chunk_size=chunk_size)
+    per_response = iter(out.token_logps.split(batch.response_lengths.tolist()))
+    by_group = {i: [next(per_response) for _ in groups[i].response_ids] for i in order}
+    return [t for i in range(len(groups)) for t in by_group[i]]
 
 
 def verification_loss(groups: Sequence[Group], token_logps: Sequence[torch.Tensor], beta: float = 0.1) -> torch.Tensor:
@@ -126,14 +137,15 @@ def _run(model: nn.Module, groups: Sequence[Group], logps_fn: Callable, with_gra
 
 
 def compare(model: nn.Module, groups: Sequence[Group], backend: str, with_grads: bool = True,
-            chunk_size: int = 64, check_architecture: bool = True) -> Comparison:
+            chunk_size: int = 64, check_architecture: bool = True,
+            packing_capacity: int | None = None) -> Comparison:
     """Run both paths on ``model`` (stock attention in, prefix attention out) and compare."""
     from prefixpo.modeling import apply_prefix_attention
 
     model.eval()  # no dropout: both paths must see the same function
     sep, sep_grads = _run(model, groups, separate_logps, with_grads, per_group=True)
     apply_prefix_attention(model, backend, self_check=check_architecture)
-    shr, shr_grads = _run(model, groups, lambda m, g: shared_logps(m, g, chunk_size), with_grads, per_group=False)
+    shr, shr_grads = _run(model, groups, lambda m, g: shared_logps(m, g, chunk_size, packing_capacity), with_grads, per_group=False)
     # sums in float64, so the comparison sees the tokens' differences and not the summation order
     sep_sums = [t.double().sum().item() for t in sep]
     shr_sums = [t.double().sum().item() for t in shr]
@@ -196,6 +208,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-response-length", type=int, default=140)
     parser.add_argument("--logps-chunk-size", type=int, default=64)
     parser.add_argument("--no-grads", action="store_true", help="compare log-probs only")
+    parser.add_argument("--packing", action="store_true",
+                        help="pack several groups per row (the packed path) instead of one group per row")
+    parser.add_argument("--packing-capacity", type=int, default=None,
+                        help="row capacity with --packing (default: room for about three groups, a multiple of 128)")
     parser.add_argument("--json", metavar="PATH", help="also write the groups and results as JSON")
     parser.add_argument("--oracle-attention", choices=["eager", "sdpa"], default="eager",
                         help="transformers attention for the separate-sequence side (sdpa needs less memory)")
@@ -229,8 +245,17 @@ def run(args: argparse.Namespace) -> int:
     vocab = model.get_output_embeddings().weight.shape[0]
     groups = random_groups(vocab, args.num_groups, args.num_responses, args.seed,
                            args.max_prompt_length, args.max_response_length)
+    capacity = None
+    if args.packing:
+        longest = max(g.num_tokens for g in groups)
+        capacity = args.packing_capacity or round_up(3 * longest, 128)
+        if capacity % 128 or capacity < longest:
+            return _bad_arguments(f"--packing-capacity must be a multiple of 128 of at least {longest} "
+                                  "(the longest group)")
+    elif args.packing_capacity is not None:
+        return _bad_arguments("--packing-capacity needs --packing")
     try:
-        result = compare(model, groups, backend, with_grads, args.logps_chunk_size)
+        result = compare(model, groups, backend, with_grads, args.logps_chunk_size, packing_capacity=capacity)
     except UnsupportedModelError as err:
         return _bad_arguments(str(err))
     dtype = DTYPES[args.dtype]
@@ -244,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(args, backend, groups, result: Comparison, dtype) -> None:
-    print(f"model={args.model} backend={backend} dtype={args.dtype} device={args.device} seed={args.seed}")
+    packing = f" packing={args.packing_capacity or 'auto'}" if args.packing else ""
+    print(f"model={args.model} backend={backend} dtype={args.dtype} device={args.device} seed={args.seed}{packing}")
     print(f"{'group':>5} {'resp':>4} {'prompt':>6} {'tokens':>6} {'logp separate':>15} {'logp shared':>15} {'abs diff':>10}")
     k = 0
     for gi, g in enumerate(groups):

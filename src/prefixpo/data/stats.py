@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prefixpo.layout import Group, round_up
+from prefixpo.packing import pack
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -25,6 +26,8 @@ class GroupStats:
     num_separate_tokens: int
     sharing_saving: float
     suggested_capacity: int
+    fill_ratio: float  # real tokens / (rows x capacity) when packed at suggested_capacity
+    groups_per_row: float
 
     def table(self) -> str:
         def pct(p: dict[int, int]) -> str:
@@ -36,7 +39,9 @@ class GroupStats:
             f"prompt/completion    median {self.median_prompt_to_completion:.2f}",
             f"tokens shared        {self.num_tokens} (separate sequences: {self.num_separate_tokens})",
             f"sharing saving       {self.sharing_saving:.2f}x fewer tokens",
-            f"packing capacity     {self.suggested_capacity} (suggested: largest group, rounded up to 128)",
+            f"packing capacity     {self.suggested_capacity} (suggested: the largest group, at least 4096, "
+            "a multiple of 128)",
+            f"packing at it        fill {self.fill_ratio:.1%}, {self.groups_per_row:.1f} groups per row",
         ])
 
 
@@ -44,8 +49,8 @@ def group_stats(prompt_lengths: Sequence[int], response_lengths: Sequence[Sequen
     """Statistics from the lengths of each group's prompt and responses.
 
     >>> s = group_stats([4, 10], [[3, 2], [5, 5]])
-    >>> s.num_tokens, s.num_separate_tokens, s.suggested_capacity
-    (29, 43, 128)
+    >>> s.num_tokens, s.num_separate_tokens, s.suggested_capacity, s.groups_per_row
+    (29, 43, 4096, 2.0)
     >>> round(s.sharing_saving, 3), s.median_prompt_to_completion
     (1.483, 1.8)
     """
@@ -58,12 +63,16 @@ def group_stats(prompt_lengths: Sequence[int], response_lengths: Sequence[Sequen
     num_tokens = int(p.sum() + sums.sum())
     separate = int((p * n).sum() + sums.sum())
     ratio = float(np.median(p / (sums / np.maximum(n, 1))))
+    # rows of at least 4096 tokens keep the GPU busy; a longer group needs a longer row
+    capacity = max(round_up(int((p + sums).max()), 128), 4096)
+    rows = pack((p + sums).tolist(), capacity, seed=0)
     return GroupStats(
         groups=len(p), responses=int(n.sum()),
         prompt_percentiles={q: int(np.percentile(p, q, method="higher")) for q in PERCENTILES},
         response_percentiles={q: int(np.percentile(flat, q, method="higher")) for q in PERCENTILES},
         median_prompt_to_completion=ratio, num_tokens=num_tokens, num_separate_tokens=separate,
-        sharing_saving=separate / num_tokens, suggested_capacity=round_up(int((p + sums).max()), 128))
+        sharing_saving=separate / num_tokens, suggested_capacity=capacity,
+        fill_ratio=num_tokens / (len(rows) * capacity), groups_per_row=len(p) / len(rows))
 
 
 def stats_of(groups: Sequence[Group]) -> GroupStats:
