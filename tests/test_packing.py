@@ -91,3 +91,28 @@ def test_fill_ratio_at_8192_is_at_least_95_percent(name):
     print(name, stats.as_dict())
     assert stats.fill_ratio >= 0.95
     assert stats.sharing_saving > 1.0
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("world_size, micro, accum", [(1, 1, 1), (2, 2, 3), (3, 1, 4)])
+def test_epoch_plan_trains_every_group_once_with_equal_steps_per_rank(packed, world_size, micro, accum):
+    from prefixpo.packing import plan_epoch
+
+    lengths = random_lengths(157, 1, high=400)
+    config = PackingConfig(capacity=1024, window=40) if packed else None
+    plans = [plan_epoch(lengths, seed=5, epoch=2, packing=config, rows_per_micro_batch=micro,
+                        gradient_accumulation_steps=accum, world_size=world_size, rank=r)
+             for r in range(world_size)]
+    assert len({len(p) for p in plans}) == 1  # no rank waits at the end of the epoch
+    assert len({tuple(len(step) for step in p) for p in plans}) == 1
+    seen = sorted(i for p in plans for step in p for mb in step for row in mb for i in row)
+    assert seen == list(range(len(lengths)))
+    for p in plans:
+        for step in p:
+            assert len(step) <= accum and all(len(mb) <= micro for mb in step)
+            if packed:
+                assert all(sum(lengths[i] for i in row) <= 1024 for mb in step for row in mb)
+    again = plan_epoch(lengths, seed=5, epoch=2, packing=config, world_size=world_size)
+    other = plan_epoch(lengths, seed=5, epoch=3, packing=config, world_size=world_size)
+    assert again == plan_epoch(lengths, seed=5, epoch=2, packing=config, world_size=world_size)
+    assert other != again

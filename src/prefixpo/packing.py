@@ -201,3 +201,30 @@ def packing_stats(groups: Sequence[Group], rows: Sequence[Sequence[int]], config
         capacity=config.capacity,
         padded_tokens=sum(row_length(u, buckets) for u in used if u),
     )
+
+
+def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, packing: PackingConfig | None,
+               rows_per_micro_batch: int = 1, gradient_accumulation_steps: int = 1, world_size: int = 1,
+               rank: int = 0) -> list[list[list[list[int]]]]:
+    """This rank's optimizer steps for one epoch: ``steps[s][m]`` is micro-batch ``m`` of step ``s``,
+    a list of rows, each a list of group indices.
+
+    Packed: rows of ``packing.capacity`` tokens. Unpacked: one group per row. Every rank gets the
+    same number of rows (an empty row fills a short round), hence the same number of steps; the
+    last step of an epoch may hold fewer micro-batches, on every rank alike. Every group appears
+    exactly once across ranks and steps. The order depends on ``seed`` and ``epoch`` only.
+
+    >>> steps = plan_epoch([5, 3, 4, 2], seed=0, epoch=0, packing=None, rows_per_micro_batch=2)
+    >>> [[len(mb) for mb in step] for step in steps], sorted(i for s in steps for mb in s for r in mb for i in r)
+    ([[2], [2]], [0, 1, 2, 3])
+    """
+    epoch_seed = seed * 100_003 + epoch
+    if packing is not None:
+        rows = pack(lengths, packing.capacity, seed=epoch_seed, window=packing.window)
+    else:
+        order = list(range(len(lengths)))
+        random.Random(epoch_seed).shuffle(order)
+        rows = [[i] for i in order]
+    mine = split_rows_over_ranks(rows, lengths, world_size, seed=epoch_seed)[rank]
+    micro = [mine[i:i + rows_per_micro_batch] for i in range(0, len(mine), rows_per_micro_batch)]
+    return [micro[i:i + gradient_accumulation_steps] for i in range(0, len(micro), gradient_accumulation_steps)]
