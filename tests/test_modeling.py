@@ -191,3 +191,17 @@ def test_models_without_position_ids_are_refused():
 
     with pytest.raises(UnsupportedModelError, match="position_ids"):
         check_model(NoPositions())
+
+
+def test_unshared_layout_is_the_standard_recipe_too():
+    """share_prefix=False (each response after its own prompt copy) must also equal separate sequences."""
+    from prefixpo.layout import build_batch, layout_group
+
+    model = tiny_model("qwen2")
+    groups = case_groups(2)
+    want, _ = oracle(model, groups)
+    apply_prefix_attention(model, "sdpa")
+    batch = build_batch([[layout_group(g, share_prefix=False)] for g in groups])
+    with torch.no_grad():
+        got = compute_logps(model, batch, chunk_size=16).token_logps
+    torch.testing.assert_close(got, torch.cat([t for ts in want for t in ts]), rtol=0, atol=1e-4)

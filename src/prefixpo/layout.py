@@ -70,8 +70,19 @@ class GroupLayout:
         return len(self.input_ids)
 
 
-def layout_group(group: Group) -> GroupLayout:
-    """Lay out one group flat (see the module docstring for the rules)."""
+def layout_group(group: Group, share_prefix: bool = True) -> GroupLayout:
+    """Lay out one group flat (see the module docstring for the rules).
+
+    ``share_prefix=False`` is the standard recipe in the same format: each response follows its
+    own copy of the prompt, and the copy carries the response's segment id, so the attention rule
+    keeps every prompt+response separate (positions restart at 0 for each copy):
+
+    >>> g = layout_group(Group([10, 11], [[20, 21], [30]]), share_prefix=False)
+    >>> g.input_ids, g.position_ids, g.segment_ids
+    ([10, 11, 20, 21, 10, 11, 30], [0, 1, 2, 3, 0, 1, 2], [1, 1, 1, 1, 2, 2, 2])
+    >>> g.scored_source, g.scored_targets
+    ([1, 2, 5], [20, 21, 30])
+    """
     prompt = list(group.prompt_ids)
     responses = [list(r) for r in group.response_ids]
     if not prompt:
@@ -83,16 +94,23 @@ def layout_group(group: Group) -> GroupLayout:
         if not r:
             raise ValueError(f"response {i} of the group is empty: every response needs at least one token")
     num_prompt = len(prompt)
-    input_ids, position_ids, segment_ids = list(prompt), list(range(num_prompt)), [0] * num_prompt
+    input_ids, position_ids, segment_ids = [], [], []
+    if share_prefix:
+        input_ids, position_ids, segment_ids = list(prompt), list(range(num_prompt)), [0] * num_prompt
     scored_source: list[int] = []
     scored_targets: list[int] = []
     scored_response: list[int] = []
     for i, response in enumerate(responses):
+        if not share_prefix:
+            input_ids += prompt
+            position_ids += range(num_prompt)
+            segment_ids += [i + 1] * num_prompt
         start = len(input_ids)
         input_ids += response
         position_ids += range(num_prompt, num_prompt + len(response))
         segment_ids += [i + 1] * len(response)
-        scored_source += [num_prompt - 1] + list(range(start, start + len(response) - 1))
+        last_prompt = num_prompt - 1 if share_prefix else start - 1
+        scored_source += [last_prompt] + list(range(start, start + len(response) - 1))
         scored_targets += response
         scored_response += [i] * len(response)
     scores = None
@@ -128,6 +146,7 @@ class Batch:
     response_group: torch.Tensor
     num_groups: int
     response_scores: torch.Tensor | None = None  # [R] float, NaN where a group has no scores
+    group_ids: torch.Tensor | None = None  # [num_groups] the caller's ids of the batch's groups
 
     @property
     def num_responses(self) -> int:
@@ -148,11 +167,13 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def build_batch(rows: Sequence[Sequence[GroupLayout]], row_length: int | None = None,
-                pad_to_multiple_of: int = 1, pad_token_id: int = 0) -> Batch:
+                pad_to_multiple_of: int = 1, pad_token_id: int = 0,
+                group_ids: Sequence[Sequence[int]] | None = None) -> Batch:
     """Concatenate the groups of each row, pad every row to one length and index the scored tokens.
 
     ``row_length`` defaults to the longest row rounded up to ``pad_to_multiple_of``. One group per
     row is the unpacked layout; several groups per row is packing (groups never see each other).
+    ``group_ids`` (nested like ``rows``) are kept, flattened, as ``Batch.group_ids``.
 
     >>> a = layout_group(Group([1, 2], [[3], [4, 5]]))
     >>> b = layout_group(Group([6], [[7]]))
@@ -209,6 +230,8 @@ def build_batch(rows: Sequence[Sequence[GroupLayout]], row_length: int | None = 
         response_group=torch.tensor(response_group, dtype=torch.long),
         num_groups=group_index,
         response_scores=torch.tensor(response_scores, dtype=torch.float32),
+        group_ids=(torch.tensor([i for row in group_ids for i in row], dtype=torch.long)
+                   if group_ids is not None else None),
     )
 
 
