@@ -5,7 +5,7 @@
     logp[s] = log_softmax(transform(h[s] @ W.T + b))[t[s]]        (fp32)
 
 chunk by chunk. Its backward recomputes each chunk's logits instead of keeping them, so forward
-and backward hold at most one chunk's ``[chunk, V]`` logits at a time. ``score_responses``
+and backward hold at most one chunk's ``[chunk, V]`` logits at a time. ``compute_logps``
 gathers the scored positions of a batch and sums them per response.
 """
 
@@ -135,20 +135,45 @@ def reduce_per_response(token_logps: torch.Tensor, batch: Batch) -> ResponseLogp
     return ResponseLogps(sums=sums, means=sums / counts, counts=counts, token_logps=token_logps)
 
 
-def score_responses(model: nn.Module, hidden: torch.Tensor, batch: Batch,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> ResponseLogps:
-    """Per-response log-probs from final hidden states ``[rows, T, H]`` of ``batch``."""
-    from prefixpo.modeling import output_head
+class ScoredLM(nn.Module):
+    """A causal LM whose forward returns the log-probs ``[S]`` of a batch's scored tokens.
 
-    weight, bias, softcap, scale = output_head(model)
-    scored_hidden = hidden.reshape(-1, hidden.shape[-1])[batch.scored_index]
-    token_logps = scored_token_logprobs(scored_hidden, weight, batch.scored_targets, bias=bias,
-                                        softcap=softcap, scale=scale, chunk_size=chunk_size)
-    return reduce_per_response(token_logps, batch)
+    The whole scored forward (layers, then the chunked output layer) runs inside one
+    ``forward``, so data-parallel wrappers (DDP, FSDP) around this module see every use of every
+    parameter. ``unwrap`` reaches the transformers model inside.
+    """
+
+    _prefixpo_scored = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, scored_index: torch.Tensor,
+                scored_targets: torch.Tensor, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+        from prefixpo.modeling import decoder_of, output_head
+
+        out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
+                                     use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        weight, bias, softcap, scale = output_head(self.model)
+        scored_hidden = hidden.reshape(-1, hidden.shape[-1])[scored_index]
+        return scored_token_logprobs(scored_hidden, weight, scored_targets, bias=bias, softcap=softcap,
+                                     scale=scale, chunk_size=chunk_size)
 
 
 def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ResponseLogps:
-    """The whole path: prefix-shared forward, then per-response log-probs."""
-    from prefixpo.modeling import forward_hidden
+    """The whole path: prefix-shared forward, then per-response log-probs.
 
-    return score_responses(model, forward_hidden(model, batch, masks), batch, chunk_size)
+    ``model`` is a transformers causal LM, or a ``ScoredLM`` (possibly inside a DDP/FSDP wrapper),
+    which is then called through its own ``forward``.
+    """
+    from prefixpo.modeling import build_attention_masks
+
+    if masks is None:
+        masks = build_attention_masks(model, batch)
+    inner = getattr(model, "module", model)
+    scorer = model if getattr(inner, "_prefixpo_scored", False) else ScoredLM(model)
+    token_logps = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
+                         masks=masks, chunk_size=chunk_size)
+    return reduce_per_response(token_logps, batch)

@@ -156,10 +156,23 @@ def _register_attention_functions() -> None:
 
 # --- checks and application -------------------------------------------------------------------
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside data-parallel wrappers (``.module``), prefixpo's ``ScoredLM``
+    (``.model``) and PEFT (``get_base_model``)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif getattr(model, "_prefixpo_scored", False):
+            model = model.model
+        else:
+            return model
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The base model (embeddings, layers, final norm) that returns final hidden states."""
-    if hasattr(model, "get_base_model"):  # a PEFT wrapper
-        model = model.get_base_model()
+    model = unwrap(model)
     prefix = getattr(model, "base_model_prefix", None)
     base = getattr(model, prefix, None) if prefix else None
     if not isinstance(base, nn.Module) or base is model:
@@ -170,16 +183,13 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 
 def architecture_of(model: nn.Module) -> str:
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return type(model).__name__
+    return type(unwrap(model)).__name__
 
 
 def check_model(model: nn.Module) -> None:
     """Raise ``UnsupportedModelError`` naming what the model lacks for the prefix-shared layout."""
     name = architecture_of(model)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = unwrap(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         raise UnsupportedModelError(f"{name} is not a transformers PreTrainedModel")
@@ -230,7 +240,7 @@ def apply_prefix_attention(model: nn.Module, backend: str = "auto", self_check: 
     else sdpa). Architectures outside ``VERIFIED_ARCHITECTURES`` are checked once against
     separate sequences before the switch (``self_check``), and refused if they differ.
     """
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = unwrap(model)
     backend = resolve_backend(backend, next(model.parameters()).device)
     check_model(model)
     check_output_head(target)
@@ -250,15 +260,14 @@ def apply_prefix_attention(model: nn.Module, backend: str = "auto", self_check: 
 
 def remove_prefix_attention(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
     """Give the model back a standard attention implementation (for generation)."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = unwrap(model)
     _set_attention_function(target, attn_implementation)
     target._prefixpo_backend = None
     return model
 
 
 def backend_of(model: nn.Module) -> str:
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backend = getattr(target, "_prefixpo_backend", None)
+    backend = getattr(unwrap(model), "_prefixpo_backend", None)
     if backend is None:
         raise ValueError("the model has no prefix attention: call prefixpo.modeling.apply_prefix_attention first")
     return backend
@@ -291,7 +300,7 @@ def build_attention_masks(model: nn.Module, batch: Batch, backend: str | None = 
     Build once per batch and pass to every model that sees the batch (policy and reference).
     """
     backend = backend or backend_of(model)
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = unwrap(model).config
     config = getattr(config, "text_config", None) or config
     windows = layer_windows(config)
     build = flex_block_mask if backend == "flex" else dense_mask
@@ -325,7 +334,7 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, fl
     when its value is None: Gemma 2/3's ``final_logit_softcapping``, Cohere's ``logit_scale``
     and Granite's ``logits_scaling`` (a divisor).
     """
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = unwrap(model)
     head = target.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise UnsupportedModelError(f"{type(target).__name__} has no output embedding (lm_head) to score tokens with")

@@ -1,0 +1,266 @@
+"""Training configuration: typed dataclasses, validated, loaded from YAML with command-line overrides.
+
+Option names follow transformers' TrainingArguments and TRL's DPOConfig where one exists, so a
+TRL config needs few changes (docs/training.md has the mapping). A YAML file holds the keys of
+``TrainConfig`` at the top level, and optionally ``stages``: a list of per-stage overrides run in
+order, each stage starting from the previous stage's final weights::
+
+    model_name_or_path: examples/quickstart/model
+    output_dir: runs/quickstart
+    stages:
+      - {stage: sft, dataset: data/sft.jsonl, learning_rate: 1.0e-3}
+      - {stage: preference, dataset: data/pref.jsonl, beta: 0.1}
+
+Command-line overrides: ``--key value`` (all stages) or ``--STAGE.key value`` (one stage, by its
+``stage`` name), values parsed as YAML (``--bf16 true``, ``--loss_type [sigmoid,sft]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("sft", "preference")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+REFERENCE_MODES = ("auto", "model", "precomputed", "none")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model_name_or_path: str = ""
+    tokenizer_name_or_path: str | None = None
+    trust_remote_code: bool = False
+    stage: str = "preference"
+    dataset: str = ""
+    dataset_split: str = "train"
+    dataset_format: str | None = None
+    eval_dataset: str | None = None
+    eval_split: str | None = None
+    max_samples: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # further DataConfig keys (column maps, ...)
+    max_length: int = 1024
+    max_prompt_length: int | None = None
+    on_bad_row: str = "error"
+    dataset_num_proc: int = 1
+    # optimisation
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    # preference loss
+    beta: float = 0.1
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    pair_strategy: str = "all"
+    pair_min_gap: float = 0.0
+    reference_mode: str = "auto"
+    ref_model_name_or_path: str | None = None
+    # LoRA
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list[str] = "all-linear"
+    # prefixpo
+    prefix_sharing: bool = True
+    packing: bool = False
+    packing_capacity: int = 8192
+    attention_backend: str = "auto"
+    logps_chunk_size: int = 1024
+    # output, logging, evaluation
+    output_dir: str = "runs/prefixpo"
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int = 2
+    report_to: str | list[str] = "none"
+    resume_from_checkpoint: str | None = None
+    generate_during_eval: bool = False
+    num_generations: int = 4
+    max_new_tokens: int = 64
+    disable_progress_bar: bool = False
+
+    def validate(self) -> TrainConfig:
+        def bad(key: str, message: str) -> ConfigError:
+            return ConfigError(f"config key `{key}`: {message}")
+
+        if not self.model_name_or_path:
+            raise bad("model_name_or_path", "is required (a hub name, a local directory, or a directory "
+                      "holding only config.json for random weights)")
+        if not self.dataset:
+            raise bad("dataset", "is required (a local json/jsonl/parquet/csv file, a saved dataset "
+                      "directory, or a hub dataset name)")
+        choices = {"stage": STAGES, "lr_scheduler_type": SCHEDULERS, "reference_mode": REFERENCE_MODES,
+                   "attention_backend": ("auto", "sdpa", "flex"), "on_bad_row": ("error", "skip")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"got {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "logps_chunk_size", "max_length", "save_total_limit", "dataset_num_proc"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("eval_steps", "save_steps"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise bad(key, f"must be a positive integer or null, got {value!r}")
+        if not self.learning_rate > 0:
+            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise bad("num_train_epochs", "must be > 0 unless max_steps is set")
+        if self.packing and (self.packing_capacity < 128 or self.packing_capacity % 128):
+            raise bad("packing_capacity", f"must be a positive multiple of 128, got {self.packing_capacity}")
+        if self.packing and self.packing_capacity < self.max_length:
+            raise bad("packing_capacity", f"({self.packing_capacity}) must be at least max_length "
+                      f"({self.max_length}), so every group fits in a row")
+        reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        for r in reports:
+            if r not in REPORT_TO:
+                raise bad("report_to", f"got {r!r}; choose from {', '.join(REPORT_TO)}")
+        if self.stage == "preference":
+            from prefixpo.losses import get_loss
+
+            try:
+                get_loss(self.loss_type, **self.loss_kwargs())
+            except ValueError as err:
+                raise bad("loss_type", str(err)) from None
+            from prefixpo.pairs import PairConfig
+
+            try:
+                PairConfig(self.pair_strategy, self.pair_min_gap)
+            except ValueError as err:
+                raise bad("pair_strategy", str(err)) from None
+        return self
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``get_loss``: beta and label_smoothing where the loss has them."""
+        from prefixpo.losses import LOSSES
+
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        kwargs: dict[str, Any] = {}
+        if len(names) > 1:
+            kwargs["loss_weights"] = self.loss_weights
+        elif self.loss_weights is not None:
+            kwargs["loss_weights"] = self.loss_weights
+        shared = {}
+        if any("beta" in LOSSES[n].defaults for n in names if n in LOSSES):
+            shared["beta"] = self.beta
+        if self.label_smoothing and any("label_smoothing" in LOSSES[n].defaults for n in names if n in LOSSES):
+            shared["label_smoothing"] = self.label_smoothing
+        if len(names) == 1:
+            kwargs.update(shared, **self.loss_params)
+        else:
+            kwargs.update(shared)
+            kwargs["params"] = self.loss_params
+        return kwargs
+
+    @property
+    def reports(self) -> list[str]:
+        reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [r for r in reports if r != "none"]
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(keys: Sequence[str], where: str) -> None:
+    for key in keys:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"unknown config key `{key}` in {where}{hint}")
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """``["--lr", "1e-4", "--sft.bf16", "true"]`` -> ``{"lr": 1e-4, "sft.bf16": True}``."""
+    out: dict[str, Any] = {}
+    items = list(args)
+    while items:
+        key = items.pop(0)
+        if not key.startswith("--"):
+            raise ConfigError(f"expected --key value, got {key!r}")
+        key = key[2:].replace("-", "_") if "." not in key else key[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif items and not items[0].startswith("--"):
+            value = items.pop(0)
+        else:
+            value = "true"
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[TrainConfig]:
+    """The validated config of each stage, from a YAML file and command-line overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    stages = raw.pop("stages", None) or [{}]
+    top = dict(raw)
+    per_stage: dict[str, dict[str, Any]] = {}
+    for key, value in parse_overrides(overrides).items():
+        if "." in key:
+            name, sub = key.split(".", 1)
+            per_stage.setdefault(name, {})[sub] = value
+        else:
+            top[key] = value
+    _check_keys(list(top), str(path or "the command line"))
+    configs = []
+    for i, stage in enumerate(stages):
+        _check_keys(list(stage), f"stages[{i}]")
+        merged = {**top, **stage}
+        name = merged.get("stage", "preference")
+        _check_keys(list(per_stage.get(name, {})), f"--{name}.* overrides")
+        merged.update(per_stage.get(name, {}))
+        if len(stages) > 1:
+            merged["output_dir"] = str(Path(merged.get("output_dir", TrainConfig.output_dir)) / f"{i}-{name}")
+            if i > 0 and "model_name_or_path" not in stage:
+                merged["model_name_or_path"] = str(Path(configs[-1].output_dir) / "final")
+                merged.setdefault("tokenizer_name_or_path", configs[-1].tokenizer_name_or_path)
+        unknown_stage = set(per_stage) - {s.get("stage", top.get("stage", "preference")) for s in stages}
+        if unknown_stage:
+            raise ConfigError(f"overrides for stage(s) {sorted(unknown_stage)}, which the config does not have")
+        try:
+            cfg = TrainConfig(**merged)
+        except TypeError as err:
+            raise ConfigError(str(err)) from None
+        configs.append(cfg.validate())
+    return configs
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
