@@ -11,6 +11,8 @@ from collections.abc import Sequence
 COMMANDS = {
     "verify": ("prefixpo.verify", "check that the prefix-shared layout equals separate sequences on a model"),
     "prepare": ("prefixpo.prepare", "check and tokenize a preference dataset and print its statistics"),
+    "train": ("prefixpo.train", "SFT and preference training from a YAML config"),
+    "bench": ("prefixpo.bench", "time preference-training steps: separate vs shared, unpacked vs packed"),
 }
 
 

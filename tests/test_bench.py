@@ -1,0 +1,103 @@
+"""`prefixpo bench` on CPU: the four modes train the same pairs, count tokens consistently, and
+give the same losses (tiny model, dense backend in place of flex)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from conftest import CONFIGS
+
+from prefixpo.bench import (
+    MODES,
+    build_models,
+    layout_step,
+    micro_batch_triples,
+    model_config,
+    set_mode_attention,
+    train_step,
+)
+from prefixpo.cli import main
+from prefixpo.layout import Group
+from prefixpo.losses import get_loss
+from prefixpo.profiles import sample_groups
+from prefixpo.step import preference_step, reference_from_model
+
+TINY = str(CONFIGS / "tiny-llama.json")
+PROFILES = {
+    "defaults": {"sigma": 0.5, "min_tokens": 2, "seed": 0, "num_examples": 64},
+    "profiles": {"small": {"median_overall": 40, "ratio": 1.5, "max_prompt": 60, "max_length": 90},
+                 "long-prompt": {"median_overall": 50, "ratio": 6, "max_prompt": 80, "max_length": 100}},
+    "models": {},
+}
+CAPACITY, PAIRS, MICRO = 256, 6, 4
+
+
+@pytest.fixture(scope="module")
+def steps() -> list[list[Group]]:
+    groups = sample_groups(PROFILES, "small", vocab_size=512, num_examples=3 * PAIRS, seed=0)
+    return [groups[i:i + PAIRS] for i in range(0, len(groups), PAIRS)]
+
+
+def test_modes_lay_out_the_same_pairs_and_tokens(steps):
+    for s, groups in enumerate(steps):
+        expected = Counter((tuple(g.prompt_ids), tuple(g.response_ids[0]), tuple(g.response_ids[1])) for g in groups)
+        separate_tokens = sum(len(g.prompt_ids) * 2 + len(g.response_ids[0]) + len(g.response_ids[1]) for g in groups)
+        shared_tokens = sum(g.num_tokens for g in groups)
+        for mode in MODES:
+            mbs = layout_step(mode, groups, CAPACITY, MICRO, seed=s)
+            assert Counter(t for mb in mbs for t in micro_batch_triples(mb)) == expected, mode
+            tokens = sum(mb.tokens for mb in mbs)
+            assert tokens == (shared_tokens if mode.startswith("shared") else separate_tokens), mode
+            assert sum(mb.padded_tokens for mb in mbs) >= tokens
+            assert sum(mb.scored for mb in mbs) == sum(len(r) for g in groups for r in g.response_ids)
+            if mode.endswith("packed"):
+                assert all(mb.batch.shape[0] == 1 and mb.batch.shape[1] in (64 * 2, 256) for mb in mbs), mode
+
+
+def test_train_step_is_preference_step(steps):
+    """The bench's sync-free step equals step.preference_step (loss and gradients) on shared layouts."""
+    policy, reference = build_models(model_config(TINY, PROFILES), torch.device("cpu"), torch.float32, seed=0)
+    with torch.no_grad():  # move the policy away from the reference, so the loss is not log 2
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    loss_fn = get_loss("sigmoid", beta=0.1)
+    for mode in ("shared", "shared-packed"):
+        set_mode_attention([policy, reference], mode, "sdpa")
+        mbs = layout_step(mode, steps[0], CAPACITY, MICRO)
+        policy.zero_grad(set_to_none=True)
+        loss, _ = train_step(policy, reference, mbs, loss_fn, PAIRS)
+        grads = [p.grad.clone() for p in policy.parameters()]
+        policy.zero_grad(set_to_none=True)
+        expected = preference_step(policy, [mb.batch for mb in mbs], loss_fn, reference_from_model(reference))
+        assert abs(float(loss) - expected.loss) < 1e-6 and expected.count == PAIRS
+        for g, p in zip(grads, policy.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bench_cli_all_modes_agree(tmp_path):
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps(PROFILES))
+    out = tmp_path / "bench.jsonl"
+    code = main(["bench", "--profile", "small", "--model", TINY, "--profiles", str(profiles), "--device", "cpu",
+                 "--steps", "2", "--warmup", "1", "--capacity", str(CAPACITY), "--pairs-per-step", str(PAIRS),
+                 "--micro-pairs", str(MICRO), "--lr", "1e-3", "--json", str(out)])
+    assert code == 0
+    rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == set(MODES)
+    sep, shr = rows["separate"], rows["shared-packed"]
+    assert rows["separate-packed"]["tokens_per_step"] == sep["tokens_per_step"]
+    assert rows["shared"]["tokens_per_step"] == shr["tokens_per_step"]
+    assert sep["tokens_per_step"] / shr["tokens_per_step"] == pytest.approx(sep["ideal_token_ratio"], rel=0.2)
+    for r in rows.values():
+        assert r["pairs_per_step"] == PAIRS and r["timed_steps"] == 2 and r["recompiles_after_warmup"] == 0
+        assert r["scored_tokens_per_step"] == sep["scored_tokens_per_step"]
+        assert r["pairs_per_s"] > 0 and r["padded_tokens_per_step"] >= r["tokens_per_step"]
+        # same weights and pairs: same log-probs and losses, also after optimizer steps (lr 1e-3)
+        assert r["losses"] == pytest.approx(sep["losses"], abs=1e-4)
+        assert r["policy_logps"] == pytest.approx(sep["policy_logps"], rel=1e-5)
+        assert r["mask_build_ms_per_step"] is None if r["mode"] == "separate" else r["mask_build_ms_per_step"] > 0
+    assert sep["losses"][1] != pytest.approx(sep["losses"][0], abs=1e-4)  # the steps did train
+    assert main(["bench", "--table-from", str(out)]) == 0
