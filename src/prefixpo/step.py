@@ -11,6 +11,7 @@ size, the accumulation or the number of ranks. SFT does the same over target tok
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,12 @@ class StepResult:
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ReferenceFn = Callable[[Batch, object], ResponseLogps]
+# no_sync(is_last_micro_batch) -> context; data-parallel engines skip the gradient all-reduce inside
+SyncContext = Callable[[bool], AbstractContextManager]
+
+
+def _no_sync_context(no_sync: SyncContext | None, index: int, count: int) -> AbstractContextManager:
+    return no_sync(index == count - 1) if no_sync is not None else nullcontext()
 
 
 def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ReferenceFn:
@@ -88,7 +95,7 @@ def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_S
 
 def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn,
                     reference: ReferenceFn | None = None, pair_config: PairConfig | None = None,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> StepResult:
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (no optimizer update)."""
     device = next(policy.parameters()).device
     pairs = [batch_pair_indices(mb, pair_config) for mb in micro_batches]
@@ -98,20 +105,21 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
     scale = world_size() / total
     loss_sum = torch.zeros((), device=device)
     metric_sums: dict[str, torch.Tensor] = {}
-    for mb, pr in zip(micro_batches, pairs):
-        masks = build_attention_masks(policy, mb)
-        logps = compute_logps(policy, mb, masks, chunk_size)
-        if pr.num_pairs == 0:  # an empty row: still run backward, so data-parallel ranks stay in step
-            (logps.token_logps.sum() * 0.0).backward()
-            continue
-        ref = reference(mb, masks) if reference is not None else None
-        c, r = pr.chosen_idx.to(device), pr.rejected_idx.to(device)
-        losses, metrics = loss_fn(logps.sums[c], logps.sums[r],
-                                  ref.sums[c] if ref is not None else None,
-                                  ref.sums[r] if ref is not None else None,
-                                  logps.counts[c], logps.counts[r])
-        loss = losses.sum()
-        (loss * scale).backward()
+    for i, (mb, pr) in enumerate(zip(micro_batches, pairs)):
+        with _no_sync_context(no_sync, i, len(micro_batches)):
+            masks = build_attention_masks(policy, mb)
+            logps = compute_logps(policy, mb, masks, chunk_size)
+            if pr.num_pairs == 0:  # an empty row: still run backward, so data-parallel ranks stay in step
+                (logps.token_logps.sum() * 0.0).backward()
+                continue
+            ref = reference(mb, masks) if reference is not None else None
+            c, r = pr.chosen_idx.to(device), pr.rejected_idx.to(device)
+            losses, metrics = loss_fn(logps.sums[c], logps.sums[r],
+                                      ref.sums[c] if ref is not None else None,
+                                      ref.sums[r] if ref is not None else None,
+                                      logps.counts[c], logps.counts[r])
+            loss = losses.sum()
+            (loss * scale).backward()
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float().sum()
@@ -121,7 +129,7 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
 
 
 def sft_step(policy: nn.Module, micro_batches: Sequence[Batch],
-             chunk_size: int = DEFAULT_CHUNK_SIZE) -> StepResult:
+             chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None) -> StepResult:
     """SFT: the mean negative log-likelihood over all target tokens of the step."""
     device = next(policy.parameters()).device
     total = global_sum(sum(int(mb.scored_targets.numel()) for mb in micro_batches), device)
@@ -129,9 +137,10 @@ def sft_step(policy: nn.Module, micro_batches: Sequence[Batch],
         raise ValueError("the optimizer step has no target token on any rank")
     scale = world_size() / total
     loss_sum = torch.zeros((), device=device)
-    for mb in micro_batches:
-        logps = compute_logps(policy, mb, chunk_size=chunk_size)
-        loss = -logps.token_logps.sum()
-        (loss * scale).backward()
+    for i, mb in enumerate(micro_batches):
+        with _no_sync_context(no_sync, i, len(micro_batches)):
+            logps = compute_logps(policy, mb, chunk_size=chunk_size)
+            loss = -logps.token_logps.sum()
+            (loss * scale).backward()
         loss_sum += loss.detach()
     return StepResult(loss=loss_sum.item() / total, count=total)

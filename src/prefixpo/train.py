@@ -1,0 +1,490 @@
+"""``prefixpo train``: SFT and preference training, one stage after another, on accelerate.
+
+The loop reads top to bottom (``train_stage``): load the tokenizer, the data and the model,
+switch the model to prefix-shared attention, build the reference, then for every optimizer
+step lay out and (optionally) pack its groups, run ``preference_step`` or ``sft_step``, clip,
+step the optimizer and the schedule, and log, evaluate and checkpoint on schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefixpo.config import ConfigError, TrainConfig, load_stages, save_config
+from prefixpo.layout import Batch, Group, build_batch, layout_group, round_up
+from prefixpo.packing import PackingConfig, bucket_lengths, packing_stats, plan_epoch, row_length
+
+DONE_MARKER = "training_done.json"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on purpose; the message says why and what was kept."""
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                              trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_data(cfg: TrainConfig, tokenizer, dataset: str, split: str) -> list[Group]:
+    from prefixpo.data import DataConfig, load_groups
+
+    data_cfg = DataConfig.from_dict({
+        "dataset": dataset, "split": split, "format": cfg.dataset_format or "auto",
+        "max_samples": cfg.max_samples, "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length, "on_bad_row": cfg.on_bad_row,
+        "num_proc": cfg.dataset_num_proc, "seed": cfg.seed, **cfg.data,
+    })
+    groups, report = load_groups(data_cfg, tokenizer)
+    print(report.summary(), file=sys.stderr)
+    groups = list(groups)
+    if not groups:
+        raise TrainingError(f"dataset {dataset} (split {split}) has no usable rows")
+    if cfg.stage == "sft":  # SFT trains the first (chosen) response of each group
+        groups = [Group(g.prompt_ids, [g.response_ids[0]]) for g in groups]
+    return groups
+
+
+def load_model(name_or_path: str, cfg: TrainConfig, seed: int):
+    """A transformers causal LM; a directory holding only config.json gives random weights from ``seed``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.bf16 and torch.cuda.is_available() else torch.float32
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True,
+                                                attn_implementation="sdpa",
+                                                trust_remote_code=cfg.trust_remote_code)
+
+
+def apply_lora(model, cfg: TrainConfig, resume_from: Path | None = None):
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise ConfigError("config key `use_peft`: needs the `peft` package (pip install peft)") from None
+    if resume_from is not None:
+        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+def make_batch(groups: list[Group], rows: list[list[int]], cfg: TrainConfig, device: torch.device) -> Batch:
+    layouts = [[layout_group(groups[i], cfg.prefix_sharing) for i in row] for row in rows]
+    used = max((sum(len(lay) for lay in row) for row in layouts), default=0)
+    if cfg.packing:
+        length = row_length(max(used, 1), bucket_lengths(cfg.packing_capacity, 4))
+    else:
+        length = round_up(max(used, 1), 128 if device.type == "cuda" else 8)
+    return build_batch(layouts, row_length=length, group_ids=rows).to(device)
+
+
+def group_lengths(groups: list[Group], cfg: TrainConfig) -> list[int]:
+    return [g.num_tokens if cfg.prefix_sharing else g.num_separate_tokens for g in groups]
+
+
+def epoch_plan(groups, cfg: TrainConfig, epoch: int, world: int, rank: int, train: bool = True):
+    packing = PackingConfig(capacity=cfg.packing_capacity) if cfg.packing else None
+    per_micro = cfg.per_device_train_batch_size if train else cfg.per_device_eval_batch_size
+    return plan_epoch(group_lengths(groups, cfg), seed=cfg.seed, epoch=epoch if train else 0, packing=packing,
+                      rows_per_micro_batch=per_micro,
+                      gradient_accumulation_steps=cfg.gradient_accumulation_steps if train else 1,
+                      world_size=world, rank=rank)
+
+
+# --- logging --------------------------------------------------------------------------------------
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+
+    steps: int = 0
+    loss: float = 0.0
+    count: float = 0.0
+    tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def write_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume: drop the lines written after the checkpoint's step."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(policy, groups, cfg: TrainConfig, loss_fn, reference, accelerator) -> dict[str, float]:
+    from prefixpo.logprobs import compute_logps
+    from prefixpo.modeling import build_attention_masks
+    from prefixpo.pairs import PairConfig
+    from prefixpo.step import batch_pair_indices
+
+    was_training = policy.training
+    policy.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for step in epoch_plan(groups, cfg, 0, accelerator.num_processes, accelerator.process_index, train=False):
+        for rows in step:
+            batch = make_batch(groups, rows, cfg, accelerator.device)
+            masks = build_attention_masks(policy, batch)
+            logps = compute_logps(policy, batch, masks, cfg.logps_chunk_size)
+            if cfg.stage == "sft":
+                sums["loss"] = sums.get("loss", 0.0) - logps.token_logps.double().sum()
+                count += batch.scored_targets.numel()
+                continue
+            pairs = batch_pair_indices(batch, PairConfig(cfg.pair_strategy, cfg.pair_min_gap))
+            if pairs.num_pairs == 0:
+                continue
+            ref = reference(batch, masks) if reference is not None else None
+            c, r = pairs.chosen_idx.to(batch.input_ids.device), pairs.rejected_idx.to(batch.input_ids.device)
+            losses, metrics = loss_fn(logps.sums[c], logps.sums[r], ref.sums[c] if ref else None,
+                                      ref.sums[r] if ref else None, logps.counts[c], logps.counts[r])
+            for k, v in {"loss": losses, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v.double().sum()
+            count += pairs.num_pairs
+    policy.train(was_training)
+    keys = sorted(sums)
+    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=accelerator.device) for k in keys]
+                         + [count])
+    totals = accelerator.reduce(totals, reduction="sum")
+    n = totals[-1].item()
+    return {k: totals[i].item() / n for i, k in enumerate(keys)} if n else {}
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, groups: list[Group], cfg: TrainConfig, path: Path) -> None:
+    """A few sampled responses to eval prompts, written as JSONL (standard attention for generation)."""
+    from prefixpo.modeling import ATTENTION_FUNCTIONS, _set_attention_function, backend_of, unwrap
+
+    inner = unwrap(model)
+    backend = backend_of(inner)
+    _set_attention_function(inner, "sdpa")
+    try:
+        with path.open("w") as f:
+            for g in groups[: cfg.num_generations]:
+                ids = torch.tensor([list(g.prompt_ids)], device=next(inner.parameters()).device)
+                out = inner.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                                     do_sample=True, top_p=0.95, pad_token_id=tokenizer.pad_token_id)
+                f.write(json.dumps({"prompt": tokenizer.decode(g.prompt_ids),
+                                    "response": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+                        + "\n")
+    finally:
+        _set_attention_function(inner, ATTENTION_FUNCTIONS[backend])
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+def build_reference(cfg: TrainConfig, model, train_groups, eval_groups, accelerator):
+    """(train reference, eval reference, mode): a function per data split, or None for reference-free losses."""
+    from prefixpo.losses import loss_requires_reference
+    from prefixpo.modeling import apply_prefix_attention
+    from prefixpo.reference import (
+        groups_fingerprint,
+        model_fingerprint,
+        precompute_reference,
+        reference_from_adapters_off,
+        reference_from_cache,
+    )
+    from prefixpo.step import reference_from_model
+
+    if cfg.stage == "sft" or not loss_requires_reference(cfg.loss_type):
+        if cfg.reference_mode not in ("auto", "none"):
+            print(f"note: loss {cfg.loss_type} needs no reference; reference_mode ignored", file=sys.stderr)
+        return None, None, "none"
+    mode = cfg.reference_mode
+    if mode == "none":
+        raise ConfigError(f"config key `reference_mode`: loss {cfg.loss_type} needs a reference model")
+    if mode == "auto":
+        mode = "adapters_off" if cfg.use_peft and not cfg.ref_model_name_or_path else "model"
+    if mode == "adapters_off":
+        fn = reference_from_adapters_off(model, cfg.logps_chunk_size)
+        return fn, fn, mode
+    source = cfg.ref_model_name_or_path or cfg.model_name_or_path
+    reference = load_model(source, cfg, cfg.seed).to(accelerator.device).eval().requires_grad_(False)
+    apply_prefix_attention(reference, cfg.attention_backend)
+    if mode == "model":
+        fn = reference_from_model(reference, cfg.logps_chunk_size)
+        return fn, fn, mode
+    from prefixpo.data.config import default_cache_dir
+
+    cache = Path(default_cache_dir()).parent / "reference"
+    key = model_fingerprint(source, cfg.seed, "bf16" if cfg.bf16 else "fp32")
+    fns = []
+    for groups in (train_groups, eval_groups):
+        if not groups:
+            fns.append(None)
+            continue
+        path = cache / f"{key}-{groups_fingerprint(groups)}-{int(cfg.prefix_sharing)}.pt"
+        fns.append(reference_from_cache(precompute_reference(
+            reference, groups, path, cfg.per_device_eval_batch_size, cfg.logps_chunk_size, cfg.prefix_sharing)))
+    del reference  # precomputed: no reference model in memory during training
+    return fns[0], fns[1], mode
+
+
+def train_stage(cfg: TrainConfig) -> dict[str, Any]:
+    """Train one stage; returns the final metrics. The final model is written to OUTPUT_DIR/final."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from prefixpo.checkpoint import load_state, resolve_checkpoint, rng_state, save_checkpoint, save_model
+    from prefixpo.checkpoint import set_rng_state as restore_rng
+    from prefixpo.logprobs import ScoredLM
+    from prefixpo.losses import get_loss
+    from prefixpo.modeling import apply_prefix_attention
+    from prefixpo.pairs import PairConfig
+    from prefixpo.step import preference_step, sft_step
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
+                              project_dir=str(out))
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        save_config(cfg, out / "config.yaml")
+    checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint else None
+
+    tokenizer = load_tokenizer(cfg)
+    train_groups = load_data(cfg, tokenizer, cfg.dataset, cfg.dataset_split)
+    eval_groups = load_data(cfg, tokenizer, cfg.eval_dataset, cfg.eval_split or cfg.dataset_split) \
+        if cfg.eval_dataset else []
+    if cfg.packing:
+        lengths = group_lengths(train_groups, cfg)
+        if max(lengths) > cfg.packing_capacity:
+            raise ConfigError(f"config key `packing_capacity`: a group of {max(lengths)} tokens does not fit "
+                              f"in {cfg.packing_capacity}; raise it or lower max_length")
+
+    source = str(checkpoint) if checkpoint is not None and not cfg.use_peft else cfg.model_name_or_path
+    model = load_model(source, cfg, cfg.seed)
+    if cfg.use_peft:
+        model = apply_lora(model, cfg, checkpoint)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.to(accelerator.device)
+    apply_prefix_attention(model, cfg.attention_backend)
+    train_ref, eval_ref, ref_mode = build_reference(cfg, model, train_groups, eval_groups, accelerator)
+    loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs()) if cfg.stage == "preference" else None
+    pair_config = PairConfig(cfg.pair_strategy, cfg.pair_min_gap)
+
+    policy = ScoredLM(model)
+    if cfg.torch_compile:
+        policy = torch.compile(policy)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                                  fused=accelerator.device.type == "cuda")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = len(epoch_plan(train_groups, cfg, 0, world, rank))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+
+    step = 0
+    metrics_path = out / "metrics.jsonl"
+    if checkpoint is not None:
+        state = load_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        step = state["step"]
+        if main:
+            truncate_metrics(metrics_path, step)
+        print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
+    elif main and metrics_path.exists():
+        metrics_path.unlink()
+    if cfg.reports:
+        accelerator.init_trackers(out.name, config={k: str(v) for k, v in vars(cfg).items()})
+    if main and cfg.packing:
+        stats = packing_stats(train_groups, [r for s in epoch_plan(train_groups, cfg, 0, 1, 0) for m in s for r in m],
+                              PackingConfig(capacity=cfg.packing_capacity))
+        print(f"packing: {stats.as_dict()}", file=sys.stderr)
+
+    def save(at_step: int) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                 "step": at_step, "epoch": at_step // max(steps_per_epoch, 1)}
+        accelerator.wait_for_everyone()
+        path = None
+        if main:
+            path = save_checkpoint(out, at_step, accelerator.unwrap_model(policy).model, tokenizer, state,
+                                   cfg.save_total_limit)
+        accelerator.wait_for_everyone()
+        return path
+
+    def log(record: dict[str, Any]) -> None:
+        if main:
+            write_metrics(metrics_path, record)
+            if cfg.reports:
+                accelerator.log({f"{record['split']}/{k}": v for k, v in record.items()
+                                 if isinstance(v, float)}, step=record["step"])
+
+    last_eval: dict[str, float] = {}
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        started = time.perf_counter()
+        result = evaluate(policy, eval_groups, cfg, loss_fn, eval_ref, accelerator)
+        last_eval.clear()
+        last_eval.update(result, step=at_step)
+        log({"step": at_step, "stage": cfg.stage, "split": "eval", **result})
+        if main and cfg.generate_during_eval:
+            (out / "samples").mkdir(exist_ok=True)
+            generate_samples(policy, tokenizer, eval_groups, cfg, out / "samples" / f"step-{at_step}.jsonl")
+        window.started += time.perf_counter() - started  # throughput counts training time only
+        return result
+
+    def no_sync(last: bool):
+        return nullcontext() if last or world == 1 else accelerator.no_sync(policy)
+
+    bar = tqdm(total=total_steps, initial=step, disable=not main or cfg.disable_progress_bar,
+               desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
+    window, plans = Window(), {}
+    last_saved = checkpoint
+    policy.train()
+    try:
+        if eval_groups and step == 0:
+            run_eval(0)
+        while step < total_steps:
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch not in plans:
+                plans = {epoch: epoch_plan(train_groups, cfg, epoch, world, rank)}
+            micro_batches = [make_batch(train_groups, rows, cfg, accelerator.device) for rows in plans[epoch][index]]
+            if cfg.stage == "sft":
+                result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync)
+            else:
+                result = preference_step(policy, micro_batches, loss_fn, train_ref, pair_config,
+                                         cfg.logps_chunk_size, no_sync=no_sync)
+            loss = accelerator.reduce(torch.tensor(result.loss, device=accelerator.device), reduction="sum").item()
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"the loss is {loss} at step {step + 1}; stopping without saving. The last good checkpoint "
+                    f"is {last_saved or 'none (no checkpoint was saved yet)'}. Lower learning_rate, or check the "
+                    "data and bf16 settings.")
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window.steps += 1
+            window.loss += loss
+            window.count += result.count
+            window.tokens += sum(int((mb.document_ids >= 0).sum()) for mb in micro_batches)
+            for k, v in result.metrics.items():
+                window.metrics[k] = window.metrics.get(k, 0.0) + v
+            bar.update(1)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                keys = sorted(window.metrics)
+                sums = accelerator.reduce(torch.tensor([window.metrics[k] for k in keys] + [window.tokens],
+                                                       dtype=torch.float64, device=accelerator.device), "sum")
+                seconds = time.perf_counter() - window.started
+                unit = "tokens" if cfg.stage == "sft" else "pairs"
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "stage": cfg.stage,
+                          "split": "train", "loss": window.loss / window.steps,
+                          "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          f"{unit}_per_s": window.count / seconds, "tokens_per_s": sums[-1].item() / seconds,
+                          **{k: sums[i].item() / window.count for i, k in enumerate(keys)}}
+                log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{unit}/s": f"{record[f'{unit}_per_s']:.1f}"})
+                window = Window()
+            if eval_groups and cfg.eval_steps and step % cfg.eval_steps == 0:
+                run_eval(step)
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                last_saved = save(step)
+    except KeyboardInterrupt:
+        optimizer.zero_grad(set_to_none=True)
+        path = save(step)
+        bar.close()
+        raise TrainingError(f"interrupted: saved {path} at step {step}; resume with "
+                            "--resume_from_checkpoint latest") from None
+    bar.close()
+    if eval_groups and last_eval.get("step") != step:
+        run_eval(step)
+    final_metrics = dict(last_eval)
+    accelerator.wait_for_everyone()
+    if main:
+        save_model(accelerator.unwrap_model(policy).model, tokenizer, out / "final")
+        (out / DONE_MARKER).write_text(json.dumps({"steps": step, "reference": ref_mode, **final_metrics}))
+        try:
+            from prefixpo.plot import plot_run
+
+            plot_run(out)
+        except Exception as err:  # plotting is a convenience; a missing matplotlib must not fail a run
+            print(f"note: no plots ({err})", file=sys.stderr)
+    if cfg.reports:
+        accelerator.end_training()
+    return final_metrics
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (see docs/training.md)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="--key value overrides (all stages) or --STAGE.key value (one stage)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefixpo.data.errors import DataError
+
+    try:
+        stages = load_stages(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"prefixpo train: {err}", file=sys.stderr)
+        return 2
+    try:
+        for cfg in stages:
+            if (Path(cfg.output_dir) / DONE_MARKER).is_file() and cfg.resume_from_checkpoint:
+                print(f"stage {cfg.stage} already finished in {cfg.output_dir}; skipping", file=sys.stderr)
+                continue
+            if cfg.resume_from_checkpoint == "latest":
+                from prefixpo.checkpoint import list_checkpoints
+
+                if not list_checkpoints(Path(cfg.output_dir)):
+                    cfg.resume_from_checkpoint = None  # this stage had not saved yet: start it
+            metrics = train_stage(cfg)
+            print(f"stage {cfg.stage} done: {json.dumps(metrics)}")
+    except (ConfigError, DataError) as err:
+        print(f"prefixpo train: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"prefixpo train: {err}", file=sys.stderr)
+        return 130 if str(err).startswith("interrupted") else 1
+    except torch.cuda.OutOfMemoryError as err:
+        print(f"prefixpo train: CUDA out of memory ({str(err).splitlines()[0]}). Lower packing_capacity or "
+              "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), turn on "
+              "gradient_checkpointing, or lower logps_chunk_size.", file=sys.stderr)
+        return 1
+    return 0
