@@ -101,3 +101,17 @@ def test_bench_cli_all_modes_agree(tmp_path):
         assert r["mask_build_ms_per_step"] is None if r["mode"] == "separate" else r["mask_build_ms_per_step"] > 0
     assert sep["losses"][1] != pytest.approx(sep["losses"][0], abs=1e-4)  # the steps did train
     assert main(["bench", "--table-from", str(out)]) == 0
+
+
+def test_attention_microbenchmark_cpu_smoke(tmp_path):
+    out = tmp_path / "attention.jsonl"
+    assert main(["bench", "--attention", "--device", "cpu", "--lengths", "64", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    rows = list(map(json.loads, out.read_text().splitlines()))
+    assert {(r["mask"], r["method"]) for r in rows} == {
+        ("causal", "flex"), ("causal", "sdpa-flash"), ("causal", "sdpa-dense"),
+        ("shared-prefix", "flex"), ("shared-prefix", "sdpa-dense")}
+    assert all(r["out_max_abs_err"] < 1e-4 and r["grad_max_abs_err"] < 1e-4 for r in rows if r["method"] != "flex")
+    assert all(r["out_max_abs_err"] < 1e-4 for r in rows)
+    shared = next(r for r in rows if r["mask"] == "shared-prefix")
+    assert shared["allowed_pairs"] < next(r for r in rows if r["mask"] == "causal")["allowed_pairs"]
