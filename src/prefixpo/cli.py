@@ -32,8 +32,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(argv)
+    module = importlib.import_module(args._module)
+    if extra and not getattr(module, "ACCEPTS_OVERRIDES", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

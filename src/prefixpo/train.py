@@ -450,10 +450,14 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
 
 # --- command line -------------------------------------------------------------------------------
 
+ACCEPTS_OVERRIDES = True  # every other --key value is a config override
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (see docs/training.md)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="--key value overrides (all stages) or --STAGE.key value (one stage)")
+    parser.epilog = ("Any other --key value overrides a config key in every stage; --STAGE.key value (e.g. "
+                     "--sft.learning_rate 1e-5) overrides it in one stage. --resume_from_checkpoint latest "
+                     "resumes from the newest checkpoint.")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,184 @@
+"""The trainer: resume after SIGKILL, checkpoints, reference modes, failures, config errors."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from prefixpo.cli import main
+
+QUICK = ROOT / "examples" / "quickstart"
+
+
+def write_config(tmp_path: Path, **overrides) -> Path:
+    cfg = {
+        "model_name_or_path": str(QUICK / "model"), "tokenizer_name_or_path": str(QUICK / "tokenizer"),
+        "output_dir": str(tmp_path / "run"), "seed": 0, "max_length": 128, "logging_steps": 1,
+        "disable_progress_bar": True, "stage": "preference", "dataset": str(QUICK / "data" / "pref_train.jsonl"),
+        "max_samples": 160, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2, "max_steps": 40, "save_steps": 4, "save_total_limit": 3,
+        "reference_mode": "model",
+    }
+    cfg.update(overrides)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def timeless(path: Path) -> list[dict]:
+    drop = {"pairs_per_s", "tokens_per_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "model.safetensors")
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    assert main(["train", "--config", str(write_config(whole))]) == 0
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    config = write_config(killed)
+    cmd = [sys.executable, "-m", "prefixpo.cli", "train", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = killed / "run"
+    deadline = time.time() + 120
+    while not (run / "checkpoint-8" / "training_state.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()  # really killed mid-run
+    assert main(["train", "--config", str(config), "--resume_from_checkpoint", "latest"]) == 0
+
+    assert timeless(run / "metrics.jsonl") == timeless(whole / "run" / "metrics.jsonl")
+    a, b = final_weights(run), final_weights(whole / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list(run.glob("checkpoint-*"))) == 3  # save_total_limit
+
+
+def test_checkpoints_load_with_plain_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["train", "--config", str(write_config(tmp_path, max_steps=4, save_steps=2))]) == 0
+    for directory in ("checkpoint-4", "final"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / directory)
+        assert model.config.model_type == "llama"
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["max_steps"] == 4 and saved["prefix_sharing"] is True
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import prefixpo.losses
+
+    real = prefixpo.losses.get_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def loss_fn(*a):
+            losses, metrics = fn(*a)
+            calls["n"] += 1
+            return (losses * float("nan") if calls["n"] > 6 else losses), metrics
+        return loss_fn
+
+    monkeypatch.setattr(prefixpo.losses, "get_loss", poisoned)
+    assert main(["train", "--config", str(write_config(tmp_path, save_steps=2))]) == 1
+    err = capsys.readouterr().err
+    assert "the loss is nan at step 4" in err and "checkpoint-2" in err
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch, capsys):
+    import prefixpo.step
+
+    real = prefixpo.step.preference_step
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prefixpo.step, "preference_step", interrupted)
+    assert main(["train", "--config", str(write_config(tmp_path, save_steps=100))]) == 130
+    assert "interrupted: saved" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint-3" / "training_state.pt").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--learning_rat", "1e-3"], "did you mean `learning_rate`"),
+    (["--lr_scheduler_type", "wavy"], "`lr_scheduler_type`"),
+    (["--loss_type", "nonsense"], "`loss_type`"),
+    (["--packing", "true", "--packing_capacity", "100"], "`packing_capacity`"),
+])
+def test_config_mistakes_name_the_key(tmp_path, capsys, override, message):
+    assert main(["train", "--config", str(write_config(tmp_path)), *override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_precomputed_reference_gives_the_live_reference_loss(tmp_path):
+    from prefixpo.layout import Group, build_batch, layout_group
+    from prefixpo.losses import get_loss
+    from prefixpo.modeling import apply_prefix_attention, load_causal_lm
+    from prefixpo.reference import precompute_reference, reference_from_cache
+    from prefixpo.step import preference_step, reference_from_model
+
+    policy = load_causal_lm(str(ROOT / "examples/configs/tiny-llama.json"), seed=0)
+    reference = load_causal_lm(str(ROOT / "examples/configs/tiny-llama.json"), seed=1)
+    for m in (policy, reference):
+        apply_prefix_attention(m, "sdpa")
+    gen = torch.Generator().manual_seed(0)
+    groups = [Group(torch.randint(0, 512, (int(n),), generator=gen).tolist(),
+                    [torch.randint(0, 512, (k,), generator=gen).tolist() for k in (5, 9)])
+              for n in torch.randint(1, 40, (6,), generator=gen)]
+    rows = [[0, 3], [1], [2, 4, 5]]
+    batches = [build_batch([[layout_group(groups[i]) for i in row]], group_ids=[row]) for row in rows]
+    cached = reference_from_cache(precompute_reference(reference, groups, tmp_path / "ref.pt", batch_size=4))
+    assert (tmp_path / "ref.pt").is_file()
+    results = []
+    for ref in (reference_from_model(reference), cached):
+        policy.zero_grad()
+        r = preference_step(policy, batches, get_loss("sigmoid", beta=0.1), reference=ref)
+        results.append((r.loss, [p.grad.clone() for p in policy.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_lora_reference_with_adapters_disabled_is_the_base_model():
+    peft = pytest.importorskip("peft")
+    from prefixpo.layout import Group, collate_groups
+    from prefixpo.logprobs import compute_logps
+    from prefixpo.modeling import apply_prefix_attention, load_causal_lm
+    from prefixpo.reference import reference_from_adapters_off
+
+    base = load_causal_lm(str(ROOT / "examples/configs/tiny-qwen2.json"), seed=0)
+    apply_prefix_attention(base, "sdpa")
+    batch = collate_groups([Group([1, 2, 3, 4], [[5, 6, 7], [8, 9]]), Group([10], [[11, 12, 13, 14], [15]])])
+    with torch.no_grad():
+        want = compute_logps(base, batch).sums
+    lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules="all-linear"))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change the output
+    with torch.no_grad():
+        adapted = compute_logps(lora, batch).sums
+    got = reference_from_adapters_off(lora)(batch, None).sums
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (adapted - want).abs().max() > 1e-2
