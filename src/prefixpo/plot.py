@@ -1,0 +1,147 @@
+"""``prefixpo plot RUN_DIR``: training curves from ``RUN_DIR/metrics.jsonl`` as PNG files.
+
+    prefixpo plot runs/quickstart        # writes runs/quickstart/curves.png
+
+``metrics.jsonl`` has one JSON object per line with ``step``, ``stage`` (``sft`` or
+``preference``), ``split`` (``train`` or ``eval``) and metrics: ``loss`` and, for preference,
+``rewards/margins``, ``rewards/accuracies`` (others are ignored). One figure, ``curves.png``, has
+one row per stage present, with a loss panel and, for preference, reward margin and reward
+accuracy panels; train and eval are two lines in each panel. A line missing a metric is left out of
+that panel only; malformed lines are skipped with a warning that counts them.
+
+Needs matplotlib (``pip install 'prefixpo[plot]'`` or ``pip install matplotlib``), drawn with the
+Agg backend, so no display is needed. Exit 0 on success, 2 when the run directory or its
+metrics file is missing or holds no metric to draw, or when matplotlib is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+OUTPUT_FILE = "curves.png"
+STAGES = ("sft", "preference")
+SPLITS = ("train", "eval")
+# stage -> the panels of its row: (metric key, panel title)
+PANELS = {
+    "sft": [("loss", "SFT loss")],
+    "preference": [("loss", "preference loss"), ("rewards/margins", "reward margin"),
+                   ("rewards/accuracies", "reward accuracy")],
+}
+INSTALL_HINT = "pip install 'prefixpo[plot]'  (or: pip install 'matplotlib>=3.7')"
+
+Curves = dict[tuple[str, str, str], list[tuple[int, float]]]  # (stage, split, metric) -> [(step, value)]
+
+
+class PlotError(ValueError):
+    """A user-facing problem with the run directory or its metrics (exit 2)."""
+
+
+def read_metrics(path: Path) -> tuple[Curves, int]:
+    """The curves of a metrics file and the number of lines skipped as unreadable.
+
+    Only the metrics of ``PANELS`` are kept; a value that is not a finite number is skipped.
+    Points are sorted by step.
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp(); p = Path(d) / "metrics.jsonl"
+    >>> _ = p.write_text('{"step": 2, "stage": "sft", "split": "train", "loss": 1.5, "lr": 1}\\n'
+    ...                  '{"step": 1, "stage": "sft", "split": "train", "loss": 2.0}\\nnot json\\n')
+    >>> read_metrics(p)
+    ({('sft', 'train', 'loss'): [(1, 2.0), (2, 1.5)]}, 1)
+    """
+    curves: Curves = defaultdict(list)
+    skipped = 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step, stage, split = int(row["step"]), row["stage"], row["split"]
+            except (ValueError, KeyError, TypeError):
+                skipped += 1
+                continue
+            for metric, _ in PANELS.get(stage, ()):
+                value = row.get(metric)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    curves[(stage, split, metric)].append((step, float(value)))
+    for points in curves.values():
+        points.sort(key=lambda p: p[0])
+    return dict(curves), skipped
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Draw ``RUN_DIR/metrics.jsonl`` to ``RUN_DIR/curves.png``; returns the files written.
+
+    Raises ``PlotError`` when the directory, the file or any metric is missing, and
+    ``ImportError`` (naming the install command) when matplotlib is not installed.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PlotError(f"{run_dir} is not a directory: give the run directory of a training run")
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise PlotError(f"{path} does not exist: the trainer writes it while training; is {run_dir} a run directory?")
+    curves, skipped = read_metrics(path)
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} line(s) that are not JSON objects with step, stage and split",
+                      stacklevel=2)
+    if not curves:
+        raise PlotError(f"{path} has no metric to plot (lines need step, stage, split and a loss or reward metric)")
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(f"prefixpo plot needs matplotlib: {INSTALL_HINT}") from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    stages = [s for s in STAGES if any(k[0] == s for k in curves)]
+    columns = max(len(PANELS[s]) for s in stages)
+    fig, axes = plt.subplots(len(stages), columns, figsize=(4.5 * columns, 3.2 * len(stages)), squeeze=False)
+    for row, stage in enumerate(stages):
+        for col in range(columns):
+            ax = axes[row][col]
+            if col >= len(PANELS[stage]):
+                ax.axis("off")
+                continue
+            metric, title = PANELS[stage][col]
+            for split, style in zip(SPLITS, ("-", "o-")):
+                points = curves.get((stage, split, metric))
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, style, label=split, markersize=3, linewidth=1.2)
+            if metric == "rewards/accuracies":
+                ax.set_ylim(-0.02, 1.02)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if ax.has_data():
+                ax.legend()
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / OUTPUT_FILE
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return [out]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"a training run directory holding {METRICS_FILE}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        written = plot_run(args.run_dir)
+    except (PlotError, ImportError) as e:
+        print(f"prefixpo plot: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
