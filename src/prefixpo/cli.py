@@ -11,6 +11,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "verify": ("prefixpo.verify", "check that the prefix-shared layout equals separate sequences on a model"),
     "prepare": ("prefixpo.prepare", "check and tokenize a preference dataset and print its statistics"),
+    "plot": ("prefixpo.plot", "draw the loss and reward curves of a training run to PNG files"),
     "train": ("prefixpo.train", "SFT and preference training from a YAML config"),
     "bench": ("prefixpo.bench", "time preference-training steps: separate vs shared, unpacked vs packed"),
 }
