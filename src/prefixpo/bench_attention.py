@@ -176,6 +176,9 @@ def run_attention(args: argparse.Namespace, device: torch.device) -> int:
         print("prefixpo bench: error: --lengths must be at least 8", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # one static compile per length and mask: beyond dynamo's default limit (8) it would fall back
+    # to eager FlexAttention, which materialises the scores (16 GiB at 16k)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     rows = []
     for length in lengths:
         for mask in ("causal", "shared-prefix"):

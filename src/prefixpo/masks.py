@@ -17,6 +17,7 @@ token and no row is fully masked. For the group ``p p | a a | b``::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -57,7 +58,11 @@ def dense_mask(batch: Batch, sliding_window: int | None = None) -> torch.Tensor:
     return mask_mod(b, None, q, k)[:, None]  # type: ignore[arg-type]
 
 
-_compiled_create_block_mask = None
+@functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask, dynamic=None)  # one recompile covers every later length
 
 
 def flex_block_mask(batch: Batch, sliding_window: int | None = None, block_size: int = 128):
@@ -67,13 +72,8 @@ def flex_block_mask(batch: Batch, sliding_window: int | None = None, block_size:
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    global _compiled_create_block_mask
     rows, length = batch.shape
     device = batch.input_ids.device
     mask_mod = prefix_mask_mod(batch.document_ids, batch.segment_ids, batch.position_ids, sliding_window)
-    build = create_block_mask
-    if device.type == "cuda":
-        if _compiled_create_block_mask is None:
-            _compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
-        build = _compiled_create_block_mask
+    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
     return build(mask_mod, rows, None, length, length, device=device, BLOCK_SIZE=block_size)

@@ -106,7 +106,10 @@ def dense_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: the first row length compiles static; a second length recompiles once with
+    # symbolic lengths, and every later length reuses that kernel (docs/benchmarks.md: one
+    # 23 s compile for all lengths instead of 10-30 s per length, at ~5% steady-state cost)
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def flex_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
