@@ -182,3 +182,19 @@ def test_lora_reference_with_adapters_disabled_is_the_base_model():
     got = reference_from_adapters_off(lora)(batch, None).sums
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert (adapted - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    from prefixpo.config import load_stages
+
+    assert load_stages(path)
+
+
+def test_stage_overrides_and_chaining(tmp_path):
+    from prefixpo.config import load_stages
+
+    sft, pref = load_stages(ROOT / "examples" / "quickstart.yaml",
+                            ["--output_dir", str(tmp_path), "--preference.beta", "0.3", "--seed", "7"])
+    assert (sft.seed, pref.seed, sft.beta, pref.beta) == (7, 7, 0.1, 0.3)
+    assert pref.model_name_or_path == str(tmp_path / "0-sft" / "final")

@@ -107,6 +107,7 @@ class TrainConfig:
     num_generations: int = 4
     max_new_tokens: int = 64
     disable_progress_bar: bool = False
+    torch_num_threads: int | None = None  # CPU threads for torch (None: torch's default)
 
     def validate(self) -> TrainConfig:
         def bad(key: str, message: str) -> ConfigError:

@@ -270,6 +270,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
                               project_dir=str(out))
     main = accelerator.is_main_process
+    if cfg.torch_num_threads:
+        torch.set_num_threads(cfg.torch_num_threads)
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     if main:
