@@ -198,3 +198,12 @@ def test_stage_overrides_and_chaining(tmp_path):
                             ["--output_dir", str(tmp_path), "--preference.beta", "0.3", "--seed", "7"])
     assert (sft.seed, pref.seed, sft.beta, pref.beta) == (7, 7, 0.1, 0.3)
     assert pref.model_name_or_path == str(tmp_path / "0-sft" / "final")
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    from prefixpo.config import ConfigError, load_stages
+
+    (cfg,) = load_stages(write_config(tmp_path), ["--learning_rate", "1e-5", "--beta", "1"])
+    assert cfg.learning_rate == 1e-5 and cfg.beta == 1.0
+    with pytest.raises(ConfigError, match="`learning_rate`: expected a number"):
+        load_stages(write_config(tmp_path), ["--learning_rate", "fast"])

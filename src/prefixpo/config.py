@@ -191,6 +191,21 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)}
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML reads ``1e-6`` (no dot) as a string; numbers for float keys are taken as floats."""
+    out = dict(values)
+    for key in FLOAT_FIELDS & out.keys():
+        if isinstance(out[key], str):
+            try:
+                out[key] = float(out[key])
+            except ValueError:
+                raise ConfigError(f"config key `{key}`: expected a number, got {out[key]!r}") from None
+        elif isinstance(out[key], int) and not isinstance(out[key], bool):
+            out[key] = float(out[key])
+    return out
 
 
 def _check_keys(keys: Sequence[str], where: str) -> None:
@@ -256,7 +271,7 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
         if unknown_stage:
             raise ConfigError(f"overrides for stage(s) {sorted(unknown_stage)}, which the config does not have")
         try:
-            cfg = TrainConfig(**merged)
+            cfg = TrainConfig(**_coerce(merged))
         except TypeError as err:
             raise ConfigError(str(err)) from None
         configs.append(cfg.validate())
