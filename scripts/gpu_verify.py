@@ -49,6 +49,15 @@ def flex_vs_dense(model, groups):
             "grads_max_rel": rel}
 
 
+def result_row(model: str, dtype: str, result, flex_vs_dense_diffs: dict, started: float) -> dict:
+    return {"model": model, "dtype": dtype,
+            "flex_vs_separate": {"logps_sum_max_abs": result.max_abs_logps,
+                                 "logps_per_token_max_abs": result.max_abs_logps_per_token,
+                                 "grads_max_rel": result.max_rel_grads,
+                                 "within_tolerance": result.within(getattr(torch, dtype))},
+            "flex_vs_dense": flex_vs_dense_diffs, "seconds": round(time.time() - started, 1)}
+
+
 def llama_1b_groups(vocab: int, seed: int = 0) -> list[Group]:
     """Capybara-like lengths: prompts ~700 tokens, responses ~450."""
     gen = torch.Generator().manual_seed(seed)
@@ -76,12 +85,7 @@ def main() -> None:
             groups = random_groups(model.get_output_embeddings().weight.shape[0], 4, 2, seed=0)
             result = compare(model, groups, "flex", with_grads=True, chunk_size=256)
             fd = flex_vs_dense(model, groups)
-            rows.append({"model": f"tiny-{arch}", "dtype": dtype,
-                         "flex_vs_separate": {"logps_sum_max_abs": result.max_abs_logps,
-                                              "logps_per_token_max_abs": result.max_abs_logps_per_token,
-                                              "grads_max_rel": result.max_rel_grads,
-                                              "within_tolerance": result.within(getattr(torch, dtype))},
-                         "flex_vs_dense": fd, "seconds": round(time.time() - t0, 1)})
+            rows.append(result_row(f"tiny-{arch}", dtype, result, fd, t0))
             print(json.dumps(rows[-1]), flush=True)
     # the llama-1b shape of bench_profiles.json, random weights, bf16 and fp32, capybara-like lengths
     spec = json.loads(Path(args.profiles).read_text())["models"]["llama-1b"]
