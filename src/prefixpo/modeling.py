@@ -178,6 +178,8 @@ def decoder_of(model: nn.Module) -> nn.Module:
     model = unwrap(model)
     prefix = getattr(model, "base_model_prefix", None)
     base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) and hasattr(model, "get_decoder"):
+        base = model.get_decoder()  # e.g. Gemma 3 under transformers 4.x: prefix `language_model`, attribute `model`
     if not isinstance(base, nn.Module) or base is model:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no base model under `{prefix}`: prefixpo needs a *ForCausalLM whose "
