@@ -20,16 +20,22 @@ cfg = {k: v for k, v in spec.items() if k != "architecture"}
 cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
 json.dump(cfg, open("/tmp/llama-1b/config.json", "w"))
 PY
-python scripts/make_synthetic_pairs.py --profile capybara --profiles "$PROFILES" --num 512 --out /tmp/capybara.jsonl
-python scripts/make_synthetic_pairs.py --profile capybara --profiles "$PROFILES" --num 64 --seed 1 --out /tmp/capybara-eval.jsonl
+# the data: save_to_disk directories made with scripts/make_synthetic_pairs.py (see docs/training.md),
+# or made here as JSONL
+TRAIN=.carry/capybara EVAL=.carry/capybara-eval
+if [ ! -d "$TRAIN" ]; then
+    python scripts/make_synthetic_pairs.py --profile capybara --profiles "$PROFILES" --num 512 --out /tmp/capybara.jsonl
+    python scripts/make_synthetic_pairs.py --profile capybara --profiles "$PROFILES" --num 64 --seed 1 --out /tmp/capybara-eval.jsonl
+    TRAIN=/tmp/capybara.jsonl EVAL=/tmp/capybara-eval.jsonl
+fi
 PREFIXPO_CACHE=/tmp/cache python -m prefixpo.cli train --model_name_or_path /tmp/llama-1b \
     --tokenizer_name_or_path examples/quickstart/tokenizer --stage preference \
-    --dataset /tmp/capybara.jsonl --eval_dataset /tmp/capybara-eval.jsonl --max_length 2842 \
+    --dataset "$TRAIN" --eval_dataset "$EVAL" --data "{use_cache: false}" --max_length 2842 \
     --loss_type sigmoid --beta 0.1 --learning_rate 1e-5 --lr_scheduler_type cosine --warmup_steps 5 \
     --max_steps 60 --per_device_train_batch_size 1 --gradient_accumulation_steps 2 \
     --packing true --packing_capacity 8192 --bf16 true --attention_backend flex \
     --logging_steps 2 --eval_steps 20 --output_dir "$OUT/run" --disable_progress_bar true \
-    2>&1 | grep -v -i warn | tail -25
+    > "$OUT/train.log" 2>&1; echo "train exit $?"; grep -v -i warn "$OUT/train.log" | tail -25
 cp "$OUT/run/metrics.jsonl" "$OUT/train-metrics.jsonl" 2>/dev/null
 cp "$OUT/run/curves.png" "$OUT/train-curves.png" 2>/dev/null
 rm -rf "$OUT/run"

@@ -30,23 +30,24 @@ def batch_pair_indices(batch: Batch, pair_config: PairConfig | None = None) -> B
     if batch.num_groups == 0:  # an empty padding row
         empty = torch.zeros(0, dtype=torch.long)
         return BatchPairs(empty, empty, empty, [])
-    sizes = torch.bincount(batch.response_group, minlength=batch.num_groups)
-    scores = batch.response_scores
+    response_group = batch.response_group.cpu()  # small index work: on the host, whatever the batch's device
+    sizes = torch.bincount(response_group, minlength=batch.num_groups)
+    scores = batch.response_scores.cpu() if batch.response_scores is not None else None
     if scores is None:
         scores = torch.full((int(sizes.sum()),), float("nan"))
     unscored = torch.isnan(scores)
     if bool(unscored.any()):
         group_unscored = torch.zeros(batch.num_groups, dtype=torch.bool).index_fill_(
-            0, batch.response_group[unscored], True)
+            0, response_group[unscored], True)
         bad = (group_unscored & (sizes != 2)).nonzero()
         if len(bad):
             g = int(bad[0])
             raise ValueError(f"group {g} of the batch has {int(sizes[g])} responses and no scores; groups "
                              "without scores must be (chosen, rejected) pairs")
-        first = torch.cat([torch.ones(1, dtype=torch.bool), batch.response_group[1:] != batch.response_group[:-1]])
+        first = torch.cat([torch.ones(1, dtype=torch.bool), response_group[1:] != response_group[:-1]])
         scores = torch.where(unscored, first.float(), scores)  # chosen 1, rejected 0
     config = pair_config or PairConfig()
-    return batch_pairs(scores, batch.response_group, config.strategy, config.min_gap)
+    return batch_pairs(scores, response_group, config.strategy, config.min_gap)
 
 
 def global_sum(value: float, device: torch.device | str = "cpu") -> float:
