@@ -149,17 +149,35 @@ def vocabulary(splits: dict[str, list[tuple[str, str, str]]]) -> dict[str, int]:
 
 
 def build_tokenizer(vocab: dict[str, int]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # explicit identity post-processor (BOS/EOS come from the chat template), the same file whatever
+    # the transformers version that wraps it
+    tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    unk_token=UNK, additional_special_tokens=ROLE_TOKENS,
                                    model_max_length=MODEL_CONFIG["max_position_embeddings"])
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """The three files written directly, not by ``save_pretrained`` (whose output differs between
+    transformers 4.x and 5.x), in a form both load: the tokenizer, its config, the chat template."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.iterdir():
+        stale.unlink()
+    tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
+              "additional_special_tokens": ROLE_TOKENS,
+              "model_max_length": MODEL_CONFIG["max_position_embeddings"],
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 def model_config(tokenizer) -> dict:
@@ -175,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = make_rows(args.seed)
     write_data(splits, args.out / "data")
     tokenizer = build_tokenizer(vocabulary(splits))
-    tokenizer.save_pretrained(args.out / "tokenizer")
+    save_tokenizer(tokenizer, args.out / "tokenizer")
     (args.out / "model").mkdir(parents=True, exist_ok=True)
     with open(args.out / "model" / "config.json", "w") as f:
         json.dump(model_config(tokenizer), f, indent=2, sort_keys=True)

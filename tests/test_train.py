@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -207,3 +208,33 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     assert cfg.learning_rate == 1e-5 and cfg.beta == 1.0
     with pytest.raises(ConfigError, match="`learning_rate`: expected a number"):
         load_stages(write_config(tmp_path), ["--learning_rate", "fast"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--use_peft", "true", "--lora_r", "4", "--learning_rate", "1e-2"],
+    ["--reference_mode", "precomputed", "--packing", "true", "--packing_capacity", "256"],
+    ["--gradient_checkpointing", "true", "--prefix_sharing", "false", "--generate_during_eval", "true",
+     "--num_generations", "2", "--max_new_tokens", "4"],
+    ["--loss_type", "[sigmoid, sft]", "--loss_weights", "[1.0, 0.5]", "--packing", "true", "--packing_capacity", "256"],
+    ["--loss_type", "simpo"],
+], ids=["lora", "precomputed-packed", "ckpt-unshared-generate", "combined-loss", "reference-free"])
+def test_training_modes_run_end_to_end(tmp_path, overrides, monkeypatch):
+    monkeypatch.setenv("PREFIXPO_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path, max_steps=4, save_steps=None, eval_steps=2, reference_mode="auto",
+                          eval_dataset=str(QUICK / "data" / "pref_eval.jsonl"))
+    assert main(["train", "--config", str(config), *overrides]) == 0
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in lines)
+    assert (run / "final").is_dir()
+    done = json.loads((run / "training_done.json").read_text())
+    if "--use_peft" in overrides:
+        assert done["reference"] == "adapters_off" and (run / "final" / "adapter_config.json").is_file()
+    if "precomputed" in overrides:
+        assert done["reference"] == "precomputed" and list((tmp_path / "cache" / "reference").glob("*.pt"))
+    if "simpo" in overrides:
+        assert done["reference"] == "none"
+    if "--generate_during_eval" in overrides:
+        samples = (run / "samples" / "step-2.jsonl").read_text().splitlines()
+        assert len(samples) == 2 and all("response" in json.loads(s) for s in samples)
