@@ -238,3 +238,21 @@ def test_training_modes_run_end_to_end(tmp_path, overrides, monkeypatch):
     if "--generate_during_eval" in overrides:
         samples = (run / "samples" / "step-2.jsonl").read_text().splitlines()
         assert len(samples) == 2 and all("response" in json.loads(s) for s in samples)
+
+
+def test_report_to_tensorboard_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    config = write_config(tmp_path, max_steps=2, save_steps=None, report_to="tensorboard")
+    assert main(["train", "--config", str(config)]) == 0
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_qlora_needs_peft_and_bitsandbytes(tmp_path, capsys):
+    import importlib.util
+
+    assert main(["train", "--config", str(write_config(tmp_path)), "--load_in_4bit", "true"]) == 2
+    assert "set use_peft: true" in capsys.readouterr().err
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert main(["train", "--config", str(write_config(tmp_path)), "--load_in_4bit", "true",
+                     "--use_peft", "true"]) == 2
+        assert "bitsandbytes" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: str | list[str] = "all-linear"
+    load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (needs bitsandbytes, CUDA and use_peft)
     # prefixpo
     prefix_sharing: bool = True
     packing: bool = False
@@ -147,6 +149,13 @@ class TrainConfig:
         for r in reports:
             if r not in REPORT_TO:
                 raise bad("report_to", f"got {r!r}; choose from {', '.join(REPORT_TO)}")
+            if r != "none" and importlib.util.find_spec(r) is None:
+                raise bad("report_to", f"{r} is not installed (pip install {r})")
+        if self.load_in_4bit:
+            if not self.use_peft:
+                raise bad("load_in_4bit", "4-bit base weights train only adapters: set use_peft: true")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise bad("load_in_4bit", "needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU")
         if self.stage == "preference":
             from prefixpo.losses import get_loss
 

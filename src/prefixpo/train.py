@@ -72,9 +72,16 @@ def load_model(name_or_path: str, cfg: TrainConfig, seed: int):
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    extra = {}
+    if cfg.load_in_4bit:  # QLoRA: NF4 base weights, bf16 compute; adapters train on top (apply_lora)
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True,
                                                 attn_implementation="sdpa",
-                                                trust_remote_code=cfg.trust_remote_code)
+                                                trust_remote_code=cfg.trust_remote_code, **extra)
 
 
 def apply_lora(model, cfg: TrainConfig, resume_from: Path | None = None):
@@ -82,6 +89,10 @@ def apply_lora(model, cfg: TrainConfig, resume_from: Path | None = None):
         from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
         raise ConfigError("config key `use_peft`: needs the `peft` package (pip install peft)") from None
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if resume_from is not None:
         return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -295,7 +306,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model.to(accelerator.device)
+    if not cfg.load_in_4bit:  # a quantized model is placed on the GPU when it loads
+        model.to(accelerator.device)
     apply_prefix_attention(model, cfg.attention_backend)
     train_ref, eval_ref, ref_mode = build_reference(cfg, model, train_groups, eval_groups, accelerator)
     loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs()) if cfg.stage == "preference" else None
