@@ -256,3 +256,21 @@ def test_qlora_needs_peft_and_bitsandbytes(tmp_path, capsys):
         assert main(["train", "--config", str(write_config(tmp_path)), "--load_in_4bit", "true",
                      "--use_peft", "true"]) == 2
         assert "bitsandbytes" in capsys.readouterr().err
+
+
+def test_two_process_ddp_through_accelerate_launch(tmp_path):
+    """The trainer under `accelerate launch` with 2 CPU processes (gloo): it finishes, one process
+    writes the metrics, and the final model loads. (tests/test_distributed.py checks the gradient.)"""
+    from transformers import AutoModelForCausalLM
+
+    config = write_config(tmp_path, max_steps=4, save_steps=2, torch_num_threads=1,
+                          eval_dataset=str(QUICK / "data" / "pref_eval.jsonl"), eval_steps=2)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "prefixpo.cli", "train", "--config", str(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in lines if r["split"] == "eval"] == [0, 2, 4]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
