@@ -231,6 +231,11 @@ def test_training_modes_run_end_to_end(tmp_path, overrides, monkeypatch):
     done = json.loads((run / "training_done.json").read_text())
     if "--use_peft" in overrides:
         assert done["reference"] == "adapters_off" and (run / "final" / "adapter_config.json").is_file()
+        from safetensors.torch import load_file
+
+        adapters = load_file(run / "final" / "adapter_model.safetensors")
+        lora_b = [t for k, t in adapters.items() if "lora_B" in k]
+        assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # trained adapters were saved
     if "precomputed" in overrides:
         assert done["reference"] == "precomputed" and list((tmp_path / "cache" / "reference").glob("*.pt"))
     if "simpo" in overrides:

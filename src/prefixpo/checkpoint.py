@@ -44,20 +44,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
+def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` of ``model``; ``state_dict`` (a full one, gathered from sharded ranks)
+    replaces the model's own parameters when given."""
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
 
 def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    state: dict[str, Any], save_total_limit: int) -> Path:
+                    state: dict[str, Any], save_total_limit: int,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoint-STEP`` atomically and drop the oldest beyond ``save_total_limit``."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, tokenizer, tmp)
+    save_model(model, tokenizer, tmp, state_dict)
     torch.save(state, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)

@@ -348,14 +348,19 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                               PackingConfig(capacity=cfg.packing_capacity))
         print(f"packing: {stats.as_dict()}", file=sys.stderr)
 
+    def full_weights() -> dict[str, torch.Tensor]:
+        """The transformers model's full state dict; every rank calls it (FSDP gathers shards)."""
+        return {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(policy).items()}
+
     def save(at_step: int) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                  "step": at_step, "epoch": at_step // max(steps_per_epoch, 1)}
         accelerator.wait_for_everyone()
+        weights = full_weights()
         path = None
         if main:
             path = save_checkpoint(out, at_step, accelerator.unwrap_model(policy).model, tokenizer, state,
-                                   cfg.save_total_limit)
+                                   cfg.save_total_limit, state_dict=weights)
         accelerator.wait_for_everyone()
         return path
 
@@ -448,8 +453,9 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         run_eval(step)
     final_metrics = dict(last_eval)
     accelerator.wait_for_everyone()
+    weights = full_weights()
     if main:
-        save_model(accelerator.unwrap_model(policy).model, tokenizer, out / "final")
+        save_model(accelerator.unwrap_model(policy).model, tokenizer, out / "final", state_dict=weights)
         (out / DONE_MARKER).write_text(json.dumps({"steps": step, "reference": ref_mode, **final_metrics}))
         try:
             from prefixpo.plot import plot_run
