@@ -94,6 +94,17 @@ def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_S
     return fn
 
 
+def pair_losses(logps: ResponseLogps, reference: ResponseLogps | None, pairs: BatchPairs,
+                loss_fn: LossFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``loss_fn`` over a batch's pairs: per-pair losses ``[num_pairs]`` and metrics."""
+    c = pairs.chosen_idx.to(logps.sums.device)
+    r = pairs.rejected_idx.to(logps.sums.device)
+    return loss_fn(logps.sums[c], logps.sums[r],
+                   reference.sums[c] if reference is not None else None,
+                   reference.sums[r] if reference is not None else None,
+                   logps.counts[c], logps.counts[r])
+
+
 def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn,
                     reference: ReferenceFn | None = None, pair_config: PairConfig | None = None,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None) -> StepResult:
@@ -114,11 +125,7 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
                 (logps.token_logps.sum() * 0.0).backward()
                 continue
             ref = reference(mb, masks) if reference is not None else None
-            c, r = pr.chosen_idx.to(device), pr.rejected_idx.to(device)
-            losses, metrics = loss_fn(logps.sums[c], logps.sums[r],
-                                      ref.sums[c] if ref is not None else None,
-                                      ref.sums[r] if ref is not None else None,
-                                      logps.counts[c], logps.counts[r])
+            losses, metrics = pair_losses(logps, ref, pr, loss_fn)
             loss = losses.sum()
             (loss * scale).backward()
         loss_sum += loss.detach()

@@ -158,7 +158,7 @@ def evaluate(policy, groups, cfg: TrainConfig, loss_fn, reference, accelerator) 
     from prefixpo.logprobs import compute_logps
     from prefixpo.modeling import build_attention_masks
     from prefixpo.pairs import PairConfig
-    from prefixpo.step import batch_pair_indices
+    from prefixpo.step import batch_pair_indices, pair_losses
 
     was_training = policy.training
     policy.eval()
@@ -177,9 +177,7 @@ def evaluate(policy, groups, cfg: TrainConfig, loss_fn, reference, accelerator) 
             if pairs.num_pairs == 0:
                 continue
             ref = reference(batch, masks) if reference is not None else None
-            c, r = pairs.chosen_idx.to(batch.input_ids.device), pairs.rejected_idx.to(batch.input_ids.device)
-            losses, metrics = loss_fn(logps.sums[c], logps.sums[r], ref.sums[c] if ref else None,
-                                      ref.sums[r] if ref else None, logps.counts[c], logps.counts[r])
+            losses, metrics = pair_losses(logps, ref, pairs, loss_fn)
             for k, v in {"loss": losses, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.double().sum()
             count += pairs.num_pairs
