@@ -116,3 +116,23 @@ def test_epoch_plan_trains_every_group_once_with_equal_steps_per_rank(packed, wo
     other = plan_epoch(lengths, seed=5, epoch=3, packing=config, world_size=world_size)
     assert again == plan_epoch(lengths, seed=5, epoch=2, packing=config, world_size=world_size)
     assert other != again
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_step_trains_the_same_groups_however_its_global_batch_is_split(packed):
+    from prefixpo.packing import plan_epoch
+
+    lengths = random_lengths(157, 2, high=400)
+    config = PackingConfig(capacity=1024, window=40) if packed else None
+
+    def groups_per_step(world_size, micro, accum):
+        plans = [plan_epoch(lengths, seed=1, epoch=0, packing=config, rows_per_micro_batch=micro,
+                            gradient_accumulation_steps=accum, world_size=world_size, rank=r)
+                 for r in range(world_size)]
+        return [sorted(i for p in plans for mb in p[s] for row in mb for i in row) for s in range(len(plans[0]))]
+
+    want = groups_per_step(1, 1, 4)  # 4 rows per optimizer step
+    assert len(want) > 3
+    assert groups_per_step(2, 1, 2) == want
+    assert groups_per_step(4, 1, 1) == want
+    assert groups_per_step(2, 2, 1) == want

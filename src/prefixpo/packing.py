@@ -209,10 +209,15 @@ def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, packing: Packin
     """This rank's optimizer steps for one epoch: ``steps[s][m]`` is micro-batch ``m`` of step ``s``,
     a list of rows, each a list of group indices.
 
-    Packed: rows of ``packing.capacity`` tokens. Unpacked: one group per row. Every rank gets the
-    same number of rows (an empty row fills a short round), hence the same number of steps; the
-    last step of an epoch may hold fewer micro-batches, on every rank alike. Every group appears
-    exactly once across ranks and steps. The order depends on ``seed`` and ``epoch`` only.
+    Packed: rows of ``packing.capacity`` tokens. Unpacked: one group per row. The epoch's rows (in
+    an order that depends on ``seed`` and ``epoch`` only) are cut into global steps of
+    ``rows_per_micro_batch * gradient_accumulation_steps * world_size`` rows, and each step's rows
+    are dealt to ranks by ``split_rows_over_ranks``. So a step trains the same groups whatever the
+    split of its global batch into ranks and accumulation steps (1 rank x 2 accumulation steps =
+    2 ranks x 1), and micro-batch ``m`` of every rank holds rows of similar token counts. Every
+    rank gets the same number of steps and micro-batches (an empty row fills a short round; the
+    last step of an epoch may hold fewer micro-batches, on every rank alike). Every group appears
+    exactly once across ranks and steps.
 
     >>> steps = plan_epoch([5, 3, 4, 2], seed=0, epoch=0, packing=None, rows_per_micro_batch=2)
     >>> [[len(mb) for mb in step] for step in steps], sorted(i for s in steps for mb in s for r in mb for i in r)
@@ -225,6 +230,9 @@ def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, packing: Packin
         order = list(range(len(lengths)))
         random.Random(epoch_seed).shuffle(order)
         rows = [[i] for i in order]
-    mine = split_rows_over_ranks(rows, lengths, world_size, seed=epoch_seed)[rank]
-    micro = [mine[i:i + rows_per_micro_batch] for i in range(0, len(mine), rows_per_micro_batch)]
-    return [micro[i:i + gradient_accumulation_steps] for i in range(0, len(micro), gradient_accumulation_steps)]
+    per_step = rows_per_micro_batch * gradient_accumulation_steps * world_size
+    steps = []
+    for start in range(0, len(rows), per_step):
+        mine = split_rows_over_ranks(rows[start:start + per_step], lengths, world_size, seed=epoch_seed + start)[rank]
+        steps.append([mine[i:i + rows_per_micro_batch] for i in range(0, len(mine), rows_per_micro_batch)])
+    return steps
