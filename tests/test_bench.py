@@ -12,12 +12,13 @@ from conftest import CONFIGS
 
 from prefixpo.bench import (
     MODES,
+    bench_step,
     build_models,
     layout_step,
     micro_batch_triples,
     model_config,
+    rank_idle,
     set_mode_attention,
-    train_step,
 )
 from prefixpo.cli import main
 from prefixpo.layout import Group
@@ -57,8 +58,9 @@ def test_modes_lay_out_the_same_pairs_and_tokens(steps):
                 assert all(mb.batch.shape[0] == 1 and mb.batch.shape[1] in (64 * 2, 256) for mb in mbs), mode
 
 
-def test_train_step_is_preference_step(steps):
-    """The bench's sync-free step equals step.preference_step (loss and gradients) on shared layouts."""
+def test_bench_step_split_by_micro_batch_is_one_preference_step(steps):
+    """The bench times each micro-batch apart (preference_step per micro-batch, given the step's pair
+    count); loss and gradients equal those of one preference_step over the whole step."""
     policy, reference = build_models(model_config(TINY, PROFILES), torch.device("cpu"), torch.float32, seed=0)
     with torch.no_grad():  # move the policy away from the reference, so the loss is not log 2
         for p in policy.parameters():
@@ -67,14 +69,23 @@ def test_train_step_is_preference_step(steps):
     for mode in ("shared", "shared-packed"):
         set_mode_attention([policy, reference], mode, "sdpa")
         mbs = layout_step(mode, steps[0], CAPACITY, MICRO)
+        assert len(mbs) > 1
         policy.zero_grad(set_to_none=True)
-        loss, _ = train_step(policy, reference, mbs, loss_fn, PAIRS)
+        loss, _ = bench_step(policy, reference, mbs, loss_fn, PAIRS)
         grads = [p.grad.clone() for p in policy.parameters()]
         policy.zero_grad(set_to_none=True)
         expected = preference_step(policy, [mb.batch for mb in mbs], loss_fn, reference_from_model(reference))
         assert abs(float(loss) - expected.loss) < 1e-6 and expected.count == PAIRS
         for g, p in zip(grads, policy.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_rank_idle_of_dealt_micro_batches():
+    # two ranks; the trainer's deal pairs the 30- and 10-token rows against the two 20-token ones
+    assert rank_idle([3.0, 1.0, 2.0, 2.0], [30, 10, 20, 20], ranks=2, seed=0) == pytest.approx(0.0)
+    # one long row cannot be split: the other rank waits 1 - (4 + 1) / 2 / 4
+    assert rank_idle([4.0, 1.0], [40, 10], ranks=2, seed=0) == pytest.approx(1 - 2.5 / 4)
+    assert rank_idle([4.0, 1.0], [40, 10], ranks=1, seed=0) == 0.0
 
 
 def test_bench_cli_all_modes_agree(tmp_path):

@@ -49,8 +49,28 @@ def test_gradcheck_in_float64():
     targets = torch.randint(0, 6, (4,), generator=gen)
     from prefixpo.logprobs import _ScoredTokenLogprobs
 
-    torch.autograd.gradcheck(lambda h, w: _ScoredTokenLogprobs.apply(h, w, None, targets, 2, 3.0, 0.5),
+    torch.autograd.gradcheck(lambda h, w: _ScoredTokenLogprobs.apply(h, w, None, targets, 2, 3.0, 0.5, False),
                              (hidden, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_the_plain_path(dtype):
+    """The compiled (fused) chunk kernels, used on the GPU, against the same math run op by op;
+    compiled here on CPU, with a softcap and a scale, a ragged last chunk and a bias."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(37, 16, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(300, 16, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(300, generator=gen).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (37,), generator=gen)
+    seed = torch.randn(37, generator=gen)
+    results = []
+    for fused in (False, True):
+        logps = scored_token_logprobs(hidden, weight, targets, bias=bias, softcap=5.0, scale=0.7, chunk_size=16,
+                                      fused=fused)
+        results.append((logps, *torch.autograd.grad((logps * seed).sum(), (hidden, weight, bias))))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, **tol)
 
 
 def test_low_precision_weights_give_fp32_logprobs():

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixpo.layout import Batch, Group, build_batch, layout_group
-from prefixpo.packing import bucket_lengths, pack, row_length
+from prefixpo.packing import bucket_lengths, pack, row_length, split_rows_over_ranks
+from prefixpo.pairs import BatchPairs
 
 MODES = ("separate", "separate-packed", "shared", "shared-packed")
 PEAKS_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak, SXM (NVIDIA datasheet)
@@ -64,8 +65,8 @@ class SeparateBatch:
 @dataclass
 class MicroBatch:
     """One micro-batch of a mode and its pairs. ``chosen_idx``/``rejected_idx`` index the
-    per-response (per-row for separate) log-probs; ``chosen_len``/``rejected_len`` stay on the host
-    so the loss's argument checks never sync. ``tokens``: real tokens; ``padded_tokens``: rows x T;
+    per-response (per-row for separate) log-probs; ``chosen_len``/``rejected_len`` are the
+    responses' scored tokens. ``tokens``: real tokens; ``padded_tokens``: rows x T;
     ``attention_pairs``: allowed (q, k) pairs of the real tokens; ``scored``: scored tokens."""
 
     batch: Batch | SeparateBatch
@@ -83,9 +84,12 @@ class MicroBatch:
         return int(self.chosen_idx.numel())
 
     def to(self, device) -> MicroBatch:
-        return MicroBatch(self.batch.to(device), self.chosen_idx.to(device), self.rejected_idx.to(device),
-                          self.chosen_len, self.rejected_len, self.tokens, self.padded_tokens,
-                          self.attention_pairs, self.scored)
+        return MicroBatch(self.batch.to(device), *(t.to(device) for t in (self.chosen_idx, self.rejected_idx,
+                                                                            self.chosen_len, self.rejected_len)),
+                          self.tokens, self.padded_tokens, self.attention_pairs, self.scored)
+
+    def pairs(self) -> BatchPairs:
+        return BatchPairs(self.chosen_idx, self.rejected_idx, torch.arange(self.num_pairs), [])
 
 
 def causal_pairs(n: int) -> int:
@@ -222,10 +226,10 @@ def micro_batch_triples(mb: MicroBatch) -> list[tuple[tuple[int, ...], tuple[int
     return out
 
 
-def default_pairs_per_step(groups: Sequence[Group], capacity: int, micro_pairs: int) -> int:
-    """As many groups as fill one packed row on average, rounded down to a multiple of ``micro_pairs``."""
+def default_pairs_per_step(groups: Sequence[Group], tokens: int, micro_pairs: int) -> int:
+    """As many groups as fill ``tokens`` on average, rounded down to a multiple of ``micro_pairs``."""
     mean = sum(g.num_tokens for g in groups) / len(groups)
-    fill = max(1, int(capacity // mean))
+    fill = max(1, int(tokens // mean))
     return max(micro_pairs, fill // micro_pairs * micro_pairs) if fill >= micro_pairs else fill
 
 
@@ -259,28 +263,17 @@ def separate_logps(model: nn.Module, batch: SeparateBatch) -> torch.Tensor:
     return token_logps.masked_fill(~batch.completion_mask[:, 1:], 0.0).float().sum(-1)
 
 
-def train_step(policy: nn.Module, reference: nn.Module, micro_batches: Sequence[MicroBatch], loss_fn,
-               num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward+backward of one step (no optimizer update), without host syncs; returns the step's
-    mean loss and the sum of the policy's chosen + rejected log-probs, as device tensors. For the shared layouts this is ``step.preference_step`` (same
-    masks, log-probs, loss and 1/num_pairs scaling; tests/test_bench.py checks loss and gradients),
-    minus its per-step ``.item()`` and the pair indexing on device tensors."""
-    from prefixpo.logprobs import compute_logps
-    from prefixpo.modeling import build_attention_masks
-
+def separate_step(policy: nn.Module, reference: nn.Module, micro_batches: Sequence[MicroBatch], loss_fn,
+                  num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``separate`` mode's forward+backward (TRL's recipe, the baseline): the step's mean loss and
+    the sum of the policy's chosen + rejected log-probs, as device tensors (no host sync)."""
     device = next(policy.parameters()).device
     loss_sum = torch.zeros((), device=device)
     logps_sum = torch.zeros((), device=device)
     for mb in micro_batches:
-        if isinstance(mb.batch, SeparateBatch):
-            pi = separate_logps(policy, mb.batch)
-            with torch.no_grad():
-                ref = separate_logps(reference, mb.batch)
-        else:
-            masks = build_attention_masks(policy, mb.batch)  # once, for policy and reference
-            pi = compute_logps(policy, mb.batch, masks).sums
-            with torch.no_grad():
-                ref = compute_logps(reference, mb.batch, masks).sums
+        pi = separate_logps(policy, mb.batch)
+        with torch.no_grad():
+            ref = separate_logps(reference, mb.batch)
         c, r = mb.chosen_idx, mb.rejected_idx
         losses, _ = loss_fn(pi[c], pi[r], ref[c], ref[r], mb.chosen_len, mb.rejected_len)
         loss = losses.sum()
@@ -288,6 +281,48 @@ def train_step(policy: nn.Module, reference: nn.Module, micro_batches: Sequence[
         loss_sum += loss.detach()
         logps_sum += (pi[c] + pi[r]).detach().sum()
     return loss_sum / num_pairs, logps_sum
+
+
+def bench_step(policy: nn.Module, reference: nn.Module, micro_batches: Sequence[MicroBatch], loss_fn,
+               num_pairs: int, events: Sequence[tuple] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward+backward of one step (no optimizer update), without host syncs: the step's mean loss
+    and the sum of the policy's chosen + rejected log-probs, as device tensors. The prefixpo modes
+    run the trainer's own ``step.preference_step`` (pairs found on the host beforehand), one
+    micro-batch at a time so that ``events`` (a (start, end) CUDA event pair per micro-batch) can
+    time each on the device."""
+    from prefixpo.step import preference_step, reference_from_model
+
+    device = next(policy.parameters()).device
+    loss = torch.zeros((), device=device)
+    logps = torch.zeros((), device=device)
+    for i, mb in enumerate(micro_batches):
+        if events:
+            events[i][0].record()
+        if isinstance(mb.batch, SeparateBatch):
+            mb_loss, mb_logps = separate_step(policy, reference, [mb], loss_fn, num_pairs)
+        else:
+            result = preference_step(policy, [mb.batch], loss_fn, reference_from_model(reference),
+                                     pairs=[mb.pairs()], num_pairs=num_pairs)
+            mb_loss = result.loss_tensor
+            mb_logps = result.metric_sums["logps/chosen"] + result.metric_sums["logps/rejected"]
+        loss += mb_loss
+        logps += mb_logps
+        if events:
+            events[i][1].record()
+    return loss, logps
+
+
+def rank_idle(micro_batch_ms: Sequence[float], tokens: Sequence[int], ranks: int, seed: int) -> float:
+    """Share of the step the other ranks wait for the slowest, ``1 - mean/max`` of per-rank time,
+    when the step's micro-batches are dealt to ``ranks`` ranks the trainer's way (by tokens,
+    ``packing.split_rows_over_ranks``) and each takes the time it was measured to take.
+
+    >>> rank_idle([3.0, 1.0, 2.0, 2.0], [30, 10, 20, 20], ranks=2, seed=0)
+    0.0
+    """
+    dealt = split_rows_over_ranks([[i] for i in range(len(tokens))], list(tokens), ranks, seed)
+    per_rank = [sum(micro_batch_ms[i] for row in rows for i in row) for rows in dealt]
+    return 1 - sum(per_rank) / len(per_rank) / max(per_rank) if max(per_rank) > 0 else 0.0
 
 
 # --- models and FLOPs -------------------------------------------------------------------------------
@@ -366,6 +401,25 @@ def set_mode_attention(models: Sequence[nn.Module], mode: str, backend: str) -> 
             apply_prefix_attention(m, backend, self_check=False)
 
 
+def set_compiled(models: Sequence[nn.Module], on: bool) -> None:
+    """``torch.compile`` every decoder layer (automatic dynamic shapes), or switch back to eager.
+
+    Each layer is compiled once; switching keeps the compiled forward aside (``nn.Module.compile``
+    stores it in ``_compiled_call_impl``), so a mode that runs eager costs no recompilation later."""
+    from prefixpo.modeling import decoder_of
+
+    for m in models:
+        for layer in decoder_of(m).layers:
+            if on and getattr(layer, "_prefixpo_compiled", None) is None:
+                layer.compile(dynamic=None)
+                layer._prefixpo_compiled = layer._compiled_call_impl
+            layer._compiled_call_impl = getattr(layer, "_prefixpo_compiled", None) if on else None
+
+
+def _device_ms(events: Sequence[tuple]) -> list[float]:
+    return [start.elapsed_time(end) for start, end in events]
+
+
 def run_mode(mode: str, policy: nn.Module, reference: nn.Module, steps: Sequence[Sequence[Group]], warmup: int,
              settings: dict) -> dict:
     """Warm up, time, and measure one mode on ``steps`` (lists of groups); returns its result row."""
@@ -374,6 +428,8 @@ def run_mode(mode: str, policy: nn.Module, reference: nn.Module, steps: Sequence
 
     device = next(policy.parameters()).device
     set_mode_attention([policy, reference], mode, settings["backend"])
+    compiled = settings["compile_model"] and mode != "separate"
+    set_compiled([policy, reference], compiled)
     policy.load_state_dict(reference.state_dict())  # every mode starts from the same weights
     policy.zero_grad(set_to_none=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=settings["lr"], fused=device.type == "cuda")
@@ -387,16 +443,16 @@ def run_mode(mode: str, policy: nn.Module, reference: nn.Module, steps: Sequence
     warm = []
     for s in range(warmup):
         optimizer.zero_grad(set_to_none=True)
-        warm.append([float(x) for x in train_step(policy, reference, plans[s], loss_fn, num_pairs[s])])
+        warm.append([float(x) for x in bench_step(policy, reference, plans[s], loss_fn, num_pairs[s])])
         optimizer.step()
     # every shape the timed steps use, once more than the warm-up steps covered (no update)
     seen = {mb.batch.shape for plan in plans[:warmup] for mb in plan}
-    if mode != "separate" or settings["compile_model"]:
+    if mode != "separate" or compiled:
         for plan in plans[warmup:]:
             for mb in plan:
                 if mb.batch.shape not in seen:
                     seen.add(mb.batch.shape)
-                    train_step(policy, reference, [mb], loss_fn, mb.num_pairs)
+                    bench_step(policy, reference, [mb], loss_fn, mb.num_pairs)
         optimizer.zero_grad(set_to_none=True)
     _sync(device)
     warmup_s = time.perf_counter() - t_warm
@@ -404,17 +460,25 @@ def run_mode(mode: str, policy: nn.Module, reference: nn.Module, steps: Sequence
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed = range(warmup, len(plans))
+    events = ([[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in plans[s]]
+               for s in timed] if device.type == "cuda" else [None for _ in timed])
     _sync(device)
     start = time.perf_counter()
     outputs = []
-    for s in timed:  # no host syncs in here
+    for s, ev in zip(timed, events):  # no host syncs in here
         optimizer.zero_grad(set_to_none=True)
-        outputs.append(train_step(policy, reference, plans[s], loss_fn, num_pairs[s]))
+        outputs.append(bench_step(policy, reference, plans[s], loss_fn, num_pairs[s], ev))
         optimizer.step()
     _sync(device)
     elapsed = time.perf_counter() - start
     recompiles = _unique_graphs() - compiles_warm
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    micro_ms = [_device_ms(ev) for ev in events] if device.type == "cuda" else None
+    idle = {}
+    if micro_ms:
+        for r in settings["ranks"]:
+            idle[str(r)] = 100 * sum(rank_idle(ms, [mb.tokens for mb in plans[s]], r, settings["seed"] + s)
+                                     for s, ms in zip(timed, micro_ms)) / len(micro_ms)
     # block-mask build time, in a loop of its own so the timed loop stays free of syncs
     mask_s = 0.0
     if mode != "separate":
@@ -435,8 +499,8 @@ def run_mode(mode: str, policy: nn.Module, reference: nn.Module, steps: Sequence
     step_ms = 1e3 * elapsed / n_timed
     peak_flops = settings["peak_flops"]
     return {
-        "mode": mode, "pairs_per_step": num_pairs[0], "timed_steps": len(timed), "warmup_steps": warmup,
-        "micro_batches_per_step": sum(len(plans[s]) for s in timed) / n_timed,
+        "mode": mode, "compiled": compiled, "pairs_per_step": num_pairs[0], "timed_steps": len(timed),
+        "warmup_steps": warmup, "micro_batches_per_step": sum(len(plans[s]) for s in timed) / n_timed,
         "shapes": sorted({"x".join(map(str, mb.batch.shape)) for p in plans for mb in p}),
         "step_ms": round(step_ms, 2), "pairs_per_s": pairs / elapsed,
         "tokens_per_s": sum_timed["tokens"] / elapsed,
@@ -449,6 +513,8 @@ def run_mode(mode: str, policy: nn.Module, reference: nn.Module, steps: Sequence
         "achieved_tflops": flops / elapsed / 1e12,
         "mfu": flops / elapsed / peak_flops if peak_flops else None,
         "peak_gib": peak,
+        "forward_backward_pct_of_step": (100 * sum(map(sum, micro_ms)) / 1e3 / elapsed) if micro_ms else None,
+        "rank_idle_pct": idle or None,
         "mask_build_ms_per_step": 1e3 * mask_s / n_timed if mode != "separate" else None,
         "mask_build_pct_of_step": 100 * mask_s / elapsed if mode != "separate" else None,
         "recompiles_after_warmup": recompiles, "compiles_in_warmup": compiles_warm - compiles_before,
@@ -468,19 +534,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per mode (default 3)")
     parser.add_argument("--capacity", type=int, default=8192, help="tokens per packed row (default 8192)")
-    parser.add_argument("--pairs-per-step", type=int, default=None,
-                        help="pairs per optimizer step (default: groups that fill one packed row on average, "
-                             "a multiple of --micro-pairs)")
+    parser.add_argument("--rows-per-step", type=int, default=4,
+                        help="default pairs per step: the groups that fill this many packed rows on average, "
+                             "a multiple of --micro-pairs (default 4)")
+    parser.add_argument("--pairs-per-step", type=int, default=None, help="pairs per optimizer step (overrides "
+                        "--rows-per-step)")
     parser.add_argument("--micro-pairs", type=int, default=4,
                         help="pairs per micro-batch of the unpacked modes (default 4, TRL's batch in PEERS.md)")
-    parser.add_argument("--num-buckets", type=int, default=4, help="packed row lengths (default 4)")
+    parser.add_argument("--num-buckets", type=int, default=8, help="packed row lengths (default 8)")
     parser.add_argument("--num-examples", type=int, default=512, help="groups sampled per profile (default 512)")
     parser.add_argument("--profiles", default=None,
                         help="bench_profiles.json (default $PREFIXPO_BENCH_PROFILES or ../shared/bench_profiles.json)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     parser.add_argument("--backend", choices=["auto", "flex", "sdpa"], default="auto",
                         help="prefixpo attention of the non-separate modes (auto: flex on cuda, sdpa on cpu)")
-    parser.add_argument("--compile-model", action="store_true", help="torch.compile every decoder layer")
+    parser.add_argument("--compile-model", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile every decoder layer in the prefixpo modes (default: on for cuda; "
+                             "`separate`, TRL's recipe, always runs eager)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4],
+                        help="data-parallel rank counts for which to report the waiting of the other ranks for "
+                             "the slowest, from measured micro-batch times (default 2 4)")
     parser.add_argument("--cudnn-sdpa", action="store_true",
                         help="leave cuDNN SDPA on (off by default: it is slower on changing padded shapes, PEERS.md)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -510,7 +583,7 @@ def _fmt(x, width: int, digits: int) -> str:
 
 def format_table(rows: Sequence[dict]) -> str:
     head = (f"{'profile':<16} {'mode':<16} {'pairs/s':>8} {'tok/s':>8} {'pad%':>5} {'MFU%':>5} {'GiB':>6} "
-            f"{'mask ms':>7} {'mask%':>5} {'recomp':>6} {'x sep':>6} {'x sep-pk':>8} {'ideal':>6}")
+            f"{'mask ms':>7} {'mask%':>5} {'recomp':>6} {'idle%':>5} {'x sep':>6} {'x sep-pk':>8} {'ideal':>6}")
     lines = [head]
     for r in rows:
         if r.get("skipped"):
@@ -521,6 +594,7 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{100 * r['padding_fraction']:>5.1f} {_fmt(r['mfu'] and 100 * r['mfu'], 5, 1)} "
             f"{_fmt(r['peak_gib'], 6, 1)} {_fmt(r['mask_build_ms_per_step'], 7, 2)} "
             f"{_fmt(r['mask_build_pct_of_step'], 5, 2)} {r['recompiles_after_warmup']:>6} "
+            f"{_fmt(next(iter((r.get('rank_idle_pct') or {}).values()), None), 5, 1)} "
             f"{_fmt(r['vs_separate'], 6, 2)} {_fmt(r['vs_separate_packed'], 8, 2)} "
             f"{r['ideal_token_ratio']:>6.3f}")
     return "\n".join(lines)
@@ -551,8 +625,9 @@ def run(args: argparse.Namespace) -> int:
         from prefixpo.bench_attention import run_attention
 
         return run_attention(args, device)
-    if args.steps < 1 or args.warmup < 0 or args.micro_pairs < 1 or args.num_examples < 1:
-        return _error("--steps and --micro-pairs must be at least 1, --warmup at least 0")
+    if (args.steps < 1 or args.warmup < 0 or args.micro_pairs < 1 or args.num_examples < 1
+            or args.rows_per_step < 1 or min(args.ranks) < 1):
+        return _error("--steps, --micro-pairs, --rows-per-step and --ranks must be at least 1, --warmup at least 0")
     if args.capacity < 128 or args.capacity % 128:
         return _error(f"--capacity must be a positive multiple of 128, got {args.capacity}")
     try:
@@ -578,12 +653,7 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cuda.enable_cudnn_sdp(False)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy, reference = build_models(config, device, dtype, args.seed)
-    if args.compile_model:
-        from prefixpo.modeling import decoder_of
-
-        for m in (policy, reference):
-            for layer in decoder_of(m).layers:
-                layer.compile(dynamic=False)
+    compile_model = args.compile_model if args.compile_model is not None else device.type == "cuda"
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak_flops is None and device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -591,7 +661,7 @@ def run(args: argparse.Namespace) -> int:
     dims = model_dims(policy)
     settings = {"backend": backend, "capacity": args.capacity, "micro_pairs": args.micro_pairs,
                 "num_buckets": args.num_buckets, "seed": args.seed, "lr": args.lr,
-                "compile_model": args.compile_model, "dims": dims, "peak_flops": peak_flops}
+                "compile_model": compile_model, "dims": dims, "peak_flops": peak_flops, "ranks": args.ranks}
     env = _environment(device)
     print(json.dumps({"env": env, "model": args.model, "dims": dims, "backend": backend,
                       "peak_tflops": peak_flops and peak_flops / 1e12, "args": {
@@ -602,7 +672,8 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             groups = sample_groups(profiles, name, dims["vocab"], num_examples=args.num_examples, seed=args.seed)
             groups = [fit_both_layouts(g, args.capacity) for g in groups]
-            per_step = args.pairs_per_step or default_pairs_per_step(groups, args.capacity, args.micro_pairs)
+            per_step = args.pairs_per_step or default_pairs_per_step(groups, args.rows_per_step * args.capacity,
+                                                                     args.micro_pairs)
             needed = per_step * (args.warmup + args.steps)
             if needed > len(groups):
                 more = sample_groups(profiles, name, dims["vocab"], num_examples=needed, seed=args.seed)
@@ -639,5 +710,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if peak_flops:
         print(f"MFU over {peak_flops / 1e12:.0f} TFLOP/s dense bf16; tokens exclude padding; "
-              f"ideal = separate-sequence tokens / shared tokens of the sampled pairs")
+              f"ideal = separate-sequence tokens / shared tokens of the sampled pairs; idle% = waiting "
+              f"of the other ranks for the slowest at {args.ranks[0]} data-parallel ranks")
     return 0 if all(not math.isnan(x) for r in rows for x in r.get("losses", [])) else 1

@@ -25,13 +25,55 @@ DEFAULT_CHUNK_SIZE = 1024
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
     """Logits ``[N, V]`` of hidden states ``[N, H]`` in fp32 (or wider), with the model's logit transform."""
-    logits = F.linear(hidden, weight, bias)
+    return _transform(F.linear(hidden, weight, bias), softcap, scale)
+
+
+def _transform(logits: torch.Tensor, softcap: float | None, scale: float | None) -> torch.Tensor:
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if scale is not None:
         logits = logits * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return logits
+
+
+def _chunk_forward(raw: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-probs and logsumexp ``[N]`` of one chunk's raw head output ``[N, V]``."""
+    logits = _transform(raw, softcap, scale)
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(1, targets[:, None]).squeeze(1) - lse, lse
+
+
+def _chunk_backward(raw: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_logps: torch.Tensor,
+                    softcap: float | None, scale: float | None) -> torch.Tensor:
+    """Gradient ``[N, V]`` (in ``raw``'s dtype) of ``sum(grad_logps * logp[target])`` w.r.t. ``raw``:
+    ``g * (onehot(target) - softmax(logits))``, through the softcap (``d/dx c tanh(x/c) = 1 - (y/c)^2``)
+    and the scale."""
+    logits = _transform(raw, softcap, scale)
+    g = grad_logps.to(logits.dtype)[:, None]
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+    grad = g * (onehot.to(logits.dtype) - torch.exp(logits - lse[:, None]))
+    if softcap is not None:
+        grad = grad * (1.0 - (logits / softcap) ** 2)
+    if scale is not None:
+        grad = grad * scale
+    return grad.to(raw.dtype)
+
+
+_fused: dict[str, object] = {}
+
+
+def _chunk_kernels(fused: bool):
+    """The per-chunk functions: as written (CPU default), or compiled by ``torch.compile`` into one
+    fused kernel each (GPU default). Fused, a chunk's ``[N, V]`` logits are read once in the head's
+    dtype instead of being upcast, exponentiated and scattered in separate fp32 passes."""
+    if not fused:
+        return _chunk_forward, _chunk_backward
+    if not _fused:
+        _fused["forward"] = torch.compile(_chunk_forward, dynamic=None)
+        _fused["backward"] = torch.compile(_chunk_backward, dynamic=None)
+    return _fused["forward"], _fused["backward"]
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -43,26 +85,27 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _ScoredTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, scale):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, scale, fused):
         dtype = _compute_dtype(hidden, weight)
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
+        forward_chunk, _ = _chunk_kernels(fused)
         logps = torch.empty(hidden.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         lse = torch.empty_like(logps)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 end = start + chunk_size
-                logits = head_logits(hidden[start:end].to(dtype), w, b, softcap, scale)
-                lse[start:end] = torch.logsumexp(logits, dim=-1)
-                logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+                raw = F.linear(hidden[start:end].to(dtype), w, b)
+                logps[start:end], lse[start:end] = forward_chunk(raw, targets[start:end], softcap, scale)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.options = (chunk_size, softcap, scale, dtype)
+        ctx.options = (chunk_size, softcap, scale, dtype, fused)
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        chunk_size, softcap, scale, dtype = ctx.options
+        chunk_size, softcap, scale, dtype, fused = ctx.options
+        _, backward_chunk = _chunk_kernels(fused)
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -73,17 +116,9 @@ class _ScoredTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             h = hidden[start:end].to(dtype)
-            g = grad_logps[start:end].to(lse.dtype)
-            logits = head_logits(h, w, b, softcap, scale)
-            # d logp / d logits = onehot(target) - softmax(logits)
-            grad = torch.exp(logits - lse[start:end, None]).mul_(-g[:, None])
-            grad.scatter_add_(1, targets[start:end, None], g[:, None])
-            if softcap is not None:  # logits = c * tanh(x / c)  =>  d/dx = 1 - (logits / c)^2
-                grad.mul_(1.0 - (logits / softcap) ** 2)
-            if scale is not None:
-                grad.mul_(scale)
-            del logits
-            grad = grad.to(dtype)
+            raw = F.linear(h, w, b)
+            grad = backward_chunk(raw, targets[start:end], lse[start:end], grad_logps[start:end], softcap, scale)
+            del raw
             if need_hidden:
                 grad_hidden[start:end] = (grad @ w).to(hidden.dtype)
             if need_weight:
@@ -94,20 +129,24 @@ class _ScoredTokenLogprobs(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def scored_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           bias: torch.Tensor | None = None, softcap: float | None = None,
-                          scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                          scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          fused: bool | None = None) -> torch.Tensor:
     """Log-probs ``[S]`` of ``targets [S]`` under hidden states ``[S, H]``, ``chunk_size`` tokens at a time.
 
-    The result is fp32 for fp32/bf16/fp16 weights (fp64 for fp64 weights)."""
+    The result is fp32 for fp32/bf16/fp16 weights (fp64 for fp64 weights). ``fused``: compile each
+    chunk's softmax work into one kernel (default: on CUDA)."""
     if chunk_size < 1:
         raise ValueError(f"logps_chunk_size must be a positive number of tokens, got {chunk_size}")
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states for {targets.shape[0]} targets")
-    return _ScoredTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, softcap, scale)
+    if fused is None:
+        fused = hidden.is_cuda
+    return _ScoredTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, softcap, scale, fused)
 
 
 @dataclass

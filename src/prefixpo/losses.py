@@ -458,7 +458,8 @@ def _validate(name: str, args: tuple[Any, ...], requires_reference: bool) -> Pai
             shape = value.shape
         elif value.shape != shape:
             raise ValueError(f"{arg_name} has shape {tuple(value.shape)}, expected {tuple(shape)} like policy_chosen_logps")
-        if field_name.startswith("len_") and bool((value <= 0).any()):
+        # lengths are checked where they live on the host; reading a device tensor would stall the step
+        if field_name.startswith("len_") and value.device.type == "cpu" and bool((value <= 0).any()):
             bad = int((value <= 0).nonzero()[0])
             raise ValueError(f"{arg_name} must be > 0 (zero-length response at pair {bad}); drop empty responses upstream")
     if not requires_reference:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -63,15 +62,34 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-@dataclass
 class StepResult:
-    """``loss``: this rank's share of the step mean (summing over ranks gives the step mean);
-    ``count``: the step's pairs (or target tokens for SFT) over all ranks; ``metrics``: sums over
-    this rank's pairs of each per-pair metric (divide the global sum by ``count``)."""
+    """One step's results, kept on the device until read, so the step itself never waits for the GPU.
 
-    loss: float
-    count: float
-    metrics: dict[str, float] = field(default_factory=dict)
+    ``loss``: this rank's share of the step mean (summing over ranks gives the step mean);
+    ``count``: the step's pairs (or target tokens for SFT) over all ranks; ``metrics``: sums over
+    this rank's pairs of each per-pair metric (divide the global sum by ``count``). Reading
+    ``loss`` or ``metrics`` synchronises; ``loss_tensor`` does not."""
+
+    def __init__(self, loss_sum: torch.Tensor, count: float,
+                 metric_sums: dict[str, torch.Tensor] | None = None) -> None:
+        self.loss_sum = loss_sum
+        self.count = count
+        self.metric_sums = metric_sums or {}
+
+    @property
+    def loss_tensor(self) -> torch.Tensor:
+        return self.loss_sum / self.count
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum.item() / self.count
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        if not self.metric_sums:
+            return {}
+        values = torch.stack([v.float() for v in self.metric_sums.values()]).tolist()  # one sync
+        return dict(zip(self.metric_sums, values))
 
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -97,8 +115,8 @@ def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_S
 def pair_losses(logps: ResponseLogps, reference: ResponseLogps | None, pairs: BatchPairs,
                 loss_fn: LossFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``loss_fn`` over a batch's pairs: per-pair losses ``[num_pairs]`` and metrics."""
-    c = pairs.chosen_idx.to(logps.sums.device)
-    r = pairs.rejected_idx.to(logps.sums.device)
+    c = pairs.chosen_idx.to(logps.sums.device, non_blocking=True)
+    r = pairs.rejected_idx.to(logps.sums.device, non_blocking=True)
     return loss_fn(logps.sums[c], logps.sums[r],
                    reference.sums[c] if reference is not None else None,
                    reference.sums[r] if reference is not None else None,
@@ -107,11 +125,21 @@ def pair_losses(logps: ResponseLogps, reference: ResponseLogps | None, pairs: Ba
 
 def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn,
                     reference: ReferenceFn | None = None, pair_config: PairConfig | None = None,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None) -> StepResult:
-    """Forward and backward every micro-batch of one optimizer step (no optimizer update)."""
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None,
+                    pairs: Sequence[BatchPairs] | None = None, num_pairs: float | None = None) -> StepResult:
+    """Forward and backward every micro-batch of one optimizer step (no optimizer update).
+
+    The step queues its work without waiting for the device: pass ``pairs`` (``batch_pair_indices``
+    of each micro-batch, computed while the batch was still on the host) to avoid the one device
+    read that finding them on a device batch costs. ``num_pairs``: the step's pairs over all ranks
+    and calls, when the caller knows it (a step split over several calls); otherwise the pairs of
+    ``micro_batches`` summed over ranks, one all-reduce in data-parallel runs."""
     device = next(policy.parameters()).device
-    pairs = [batch_pair_indices(mb, pair_config) for mb in micro_batches]
-    total = global_sum(sum(p.num_pairs for p in pairs), device)
+    if pairs is None:
+        pairs = [batch_pair_indices(mb, pair_config) for mb in micro_batches]
+    elif len(pairs) != len(micro_batches):
+        raise ValueError(f"{len(pairs)} pair sets for {len(micro_batches)} micro-batches")
+    total = num_pairs if num_pairs is not None else global_sum(sum(p.num_pairs for p in pairs), device)
     if total == 0:
         raise ValueError("the optimizer step has no preference pair on any rank")
     scale = world_size() / total
@@ -119,7 +147,7 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
     metric_sums: dict[str, torch.Tensor] = {}
     for i, (mb, pr) in enumerate(zip(micro_batches, pairs)):
         with _no_sync_context(no_sync, i, len(micro_batches)):
-            masks = build_attention_masks(policy, mb)
+            masks = build_attention_masks(policy, mb)  # once, for the policy and the reference
             logps = compute_logps(policy, mb, masks, chunk_size)
             if pr.num_pairs == 0:  # an empty row: still run backward, so data-parallel ranks stay in step
                 (logps.token_logps.sum() * 0.0).backward()
@@ -131,9 +159,7 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float().sum()
-    # one host sync per step, after all the work is queued
-    return StepResult(loss=loss_sum.item() / total, count=total,
-                      metrics={k: float(v) for k, v in metric_sums.items()})
+    return StepResult(loss_sum, total, metric_sums)
 
 
 def sft_step(policy: nn.Module, micro_batches: Sequence[Batch],
@@ -151,4 +177,4 @@ def sft_step(policy: nn.Module, micro_batches: Sequence[Batch],
             loss = -logps.token_logps.sum()
             (loss * scale).backward()
         loss_sum += loss.detach()
-    return StepResult(loss=loss_sum.item() / total, count=total)
+    return StepResult(loss_sum, total)
