@@ -36,7 +36,7 @@ def write_config(tmp_path: Path, **overrides) -> Path:
 
 
 def timeless(path: Path) -> list[dict]:
-    drop = {"pairs_per_s", "tokens_per_s"}
+    drop = {"pairs_per_s", "tokens_per_s", "step_time_s", "slowest_rank_idle"}
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 

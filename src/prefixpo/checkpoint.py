@@ -5,6 +5,16 @@ the tokenizer, and ``training_state.pt`` (optimizer, scheduler, RNG states, the 
 position). It is written to a temporary directory and renamed into place, so a crash never
 leaves a half-written checkpoint where a finished one is expected; only the last
 ``save_total_limit`` are kept.
+
+Under FSDP the model is still saved whole (gathered from the shards), but the optimizer state
+stays sharded: every rank writes its own shard with ``torch.distributed.checkpoint`` into
+``sharded/``, with its RNG state, and ``training_state.pt`` holds no optimizer. All ranks write
+into the same temporary directory (``.tmp-checkpoint-STEP``, a path every rank derives from the
+step, so ``output_dir`` must be on a file system all nodes share); the main process renames it
+once every rank has finished::
+
+    start_checkpoint (main) -> barrier -> save_model (main) + save_sharded_state (all ranks)
+        -> barrier -> finish_checkpoint (main: training_state.pt last, rename, prune) -> barrier
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "training_state.pt"
+SHARDED_DIR = "sharded"  # FSDP: the optimizer shards and per-rank RNG states
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -53,15 +64,23 @@ def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path,
         tokenizer.save_pretrained(directory)
 
 
-def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    state: dict[str, Any], save_total_limit: int,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``checkpoint-STEP`` atomically and drop the oldest beyond ``save_total_limit``."""
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".tmp-checkpoint-{step}"
+def checkpoint_dirs(output_dir: Path, step: int) -> tuple[Path, Path]:
+    """``(final, temporary)`` directories of the checkpoint at ``step``."""
+    return output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
+
+
+def start_checkpoint(output_dir: Path, step: int) -> Path:
+    """An empty temporary directory for ``checkpoint-STEP`` (main process only)."""
+    _, tmp = checkpoint_dirs(output_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, tokenizer, tmp, state_dict)
+    return tmp
+
+
+def finish_checkpoint(output_dir: Path, step: int, state: dict[str, Any], save_total_limit: int) -> Path:
+    """Main process, after every rank has written its part: write the training state (last: it
+    marks a finished checkpoint), rename into place and drop the oldest beyond ``save_total_limit``."""
+    final, tmp = checkpoint_dirs(output_dir, step)
     torch.save(state, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)
@@ -69,6 +88,41 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokeniz
     for old in list_checkpoints(output_dir)[:-save_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
+                    state: dict[str, Any], save_total_limit: int,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``checkpoint-STEP`` atomically and drop the oldest beyond ``save_total_limit``."""
+    tmp = start_checkpoint(output_dir, step)
+    save_model(model, tokenizer, tmp, state_dict)
+    return finish_checkpoint(output_dir, step, state, save_total_limit)
+
+
+def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Every rank: its shard of the optimizer state (``torch.distributed.checkpoint``) and its RNG
+    state, into ``directory`` (the same path on every rank). ``model`` is the FSDP-sharded model
+    the optimizer steps; the state is keyed by parameter names, so it reloads on another world size."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory))
+    torch.save(rng_state(), directory / f"rng-{dist.get_rank()}.pt")
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Every rank: load what ``save_sharded_state`` wrote into the (already sharded) optimizer, and
+    this rank's RNG state (rank 0's when the checkpoint had fewer ranks)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the template to load into
+    dcp.load(state, checkpoint_id=str(directory))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    rng = directory / f"rng-{dist.get_rank()}.pt"
+    set_rng_state(torch.load(rng if rng.is_file() else directory / "rng-0.pt", weights_only=True))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -72,6 +72,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     bf16: bool = False
+    fp32_master_weights: bool = True  # with bf16: trainable weights and optimizer state in fp32
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     # preference loss

@@ -16,8 +16,12 @@ from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps, compute_logps
 from prefixpo.step import ReferenceFn
 
 
-def reference_from_adapters_off(policy: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ReferenceFn:
-    """The PEFT policy with its adapters disabled: the base model, with no second copy in memory."""
+def reference_from_adapters_off(policy: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                                through_wrapper: bool = False) -> ReferenceFn:
+    """The PEFT policy with its adapters disabled: the base model, with no second copy in memory.
+
+    ``through_wrapper``: run the forward through ``policy`` itself (an FSDP-sharded ``ScoredLM``,
+    whose hooks gather the shards) rather than the PEFT model found inside it."""
     peft_model = policy
     while not hasattr(peft_model, "disable_adapter"):
         peft_model = getattr(peft_model, "module", None) or getattr(peft_model, "model", None)
@@ -27,7 +31,7 @@ def reference_from_adapters_off(policy: nn.Module, chunk_size: int = DEFAULT_CHU
     @torch.no_grad()
     def fn(batch: Batch, masks: object) -> ResponseLogps:
         with peft_model.disable_adapter():
-            return compute_logps(peft_model, batch, masks, chunk_size)
+            return compute_logps(policy if through_wrapper else peft_model, batch, masks, chunk_size)
 
     return fn
 

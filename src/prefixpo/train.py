@@ -62,11 +62,14 @@ def load_data(cfg: TrainConfig, tokenizer, dataset: str, split: str) -> list[Gro
     return groups
 
 
-def load_model(name_or_path: str, cfg: TrainConfig, seed: int):
-    """A transformers causal LM; a directory holding only config.json gives random weights from ``seed``."""
+def load_model(name_or_path: str, cfg: TrainConfig, seed: int, dtype: torch.dtype | None = None):
+    """A transformers causal LM; a directory holding only config.json gives random weights from ``seed``.
+
+    ``dtype``: of the loaded weights; default bf16 with ``bf16`` on CUDA, else fp32."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if cfg.bf16 and torch.cuda.is_available() else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if cfg.bf16 and torch.cuda.is_available() else torch.float32
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -82,6 +85,15 @@ def load_model(name_or_path: str, cfg: TrainConfig, seed: int):
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True,
                                                 attn_implementation="sdpa",
                                                 trust_remote_code=cfg.trust_remote_code, **extra)
+
+
+def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """fp32 master weights: trainable parameters in fp32 (bf16 compute comes from autocast, or
+    from FSDP2's mixed precision policy, which does the same upcast itself)."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def apply_lora(model, cfg: TrainConfig, resume_from: Path | None = None):
@@ -134,9 +146,28 @@ class Window:
     steps: int = 0
     loss: float = 0.0
     count: float = 0.0
-    tokens: int = 0
+    rank_tokens: list[float] = field(default_factory=list)  # real tokens of each rank
+    imbalance: dict[str, float] = field(default_factory=dict)  # sums of rank_balance's shares
     metrics: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, count: float, rank_tokens: list[float], rank_seconds: list[float],
+            metrics: dict[str, float]) -> None:
+        from prefixpo.distributed import rank_balance
+
+        self.steps += 1
+        self.loss += loss
+        self.count += count
+        self.rank_tokens = [a + b for a, b in zip(self.rank_tokens or [0.0] * len(rank_tokens), rank_tokens)]
+        for k, v in rank_balance(rank_tokens, rank_seconds).items():
+            self.imbalance[k] = self.imbalance.get(k, 0.0) + v
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+
+    def balance(self) -> dict[str, Any]:
+        """Per-rank real tokens, and the per-step imbalance shares averaged over the window."""
+        return {"rank_tokens": [int(t) for t in self.rank_tokens],
+                **{k: v / max(self.steps, 1) for k, v in self.imbalance.items()}}
 
 
 def write_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -155,6 +186,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(policy, groups, cfg: TrainConfig, loss_fn, reference, accelerator) -> dict[str, float]:
+    from prefixpo.distributed import is_collective
     from prefixpo.logprobs import compute_logps
     from prefixpo.modeling import build_attention_masks
     from prefixpo.pairs import PairConfig
@@ -174,9 +206,11 @@ def evaluate(policy, groups, cfg: TrainConfig, loss_fn, reference, accelerator) 
                 count += batch.scored_targets.numel()
                 continue
             pairs = batch_pair_indices(batch, PairConfig(cfg.pair_strategy, cfg.pair_min_gap))
+            # a sharded reference runs on every rank's every batch, even one without pairs
+            run_ref = reference is not None and (pairs.num_pairs > 0 or is_collective(reference))
+            ref = reference(batch, masks) if run_ref else None
             if pairs.num_pairs == 0:
                 continue
-            ref = reference(batch, masks) if reference is not None else None
             losses, metrics = pair_losses(logps, ref, pairs, loss_fn)
             for k, v in {"loss": losses, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.double().sum()
@@ -213,8 +247,12 @@ def generate_samples(model, tokenizer, groups: list[Group], cfg: TrainConfig, pa
 
 # --- the stage ----------------------------------------------------------------------------------
 
-def build_reference(cfg: TrainConfig, model, train_groups, eval_groups, accelerator):
-    """(train reference, eval reference, mode): a function per data split, or None for reference-free losses."""
+def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, accelerator, sharded: bool = False):
+    """(train reference, eval reference, mode): a function per data split, or None for reference-free losses.
+
+    ``policy``: the prepared policy. ``sharded`` (FSDP): a frozen reference model is sharded like
+    the policy, and a reference that runs a sharded forward is marked collective."""
+    from prefixpo.distributed import collective, shard_frozen
     from prefixpo.losses import loss_requires_reference
     from prefixpo.modeling import apply_prefix_attention
     from prefixpo.reference import (
@@ -236,13 +274,17 @@ def build_reference(cfg: TrainConfig, model, train_groups, eval_groups, accelera
     if mode == "auto":
         mode = "adapters_off" if cfg.use_peft and not cfg.ref_model_name_or_path else "model"
     if mode == "adapters_off":
-        fn = reference_from_adapters_off(model, cfg.logps_chunk_size)
+        fn = reference_from_adapters_off(policy, cfg.logps_chunk_size, through_wrapper=sharded)
+        fn = collective(fn) if sharded else fn
         return fn, fn, mode
     source = cfg.ref_model_name_or_path or cfg.model_name_or_path
     reference = load_model(source, cfg, cfg.seed).to(accelerator.device).eval().requires_grad_(False)
     apply_prefix_attention(reference, cfg.attention_backend)
     if mode == "model":
-        fn = reference_from_model(reference, cfg.logps_chunk_size)
+        if sharded:  # 1/world of the frozen model per rank, instead of a full copy
+            fn = collective(reference_from_model(shard_frozen(reference, accelerator.device), cfg.logps_chunk_size))
+        else:
+            fn = reference_from_model(reference, cfg.logps_chunk_size)
         return fn, fn, mode
     from prefixpo.data.config import default_cache_dir
 
@@ -254,8 +296,10 @@ def build_reference(cfg: TrainConfig, model, train_groups, eval_groups, accelera
             fns.append(None)
             continue
         path = cache / f"{key}-{groups_fingerprint(groups)}-{int(cfg.prefix_sharing)}.pt"
-        fns.append(reference_from_cache(precompute_reference(
-            reference, groups, path, cfg.per_device_eval_batch_size, cfg.logps_chunk_size, cfg.prefix_sharing)))
+        with accelerator.local_main_process_first():  # one process per node computes and writes the cache
+            per_group = precompute_reference(reference, groups, path, cfg.per_device_eval_batch_size,
+                                             cfg.logps_chunk_size, cfg.prefix_sharing)
+        fns.append(reference_from_cache(per_group))
     del reference  # precomputed: no reference model in memory during training
     return fns[0], fns[1], mode
 
@@ -263,15 +307,28 @@ def build_reference(cfg: TrainConfig, model, train_groups, eval_groups, accelera
 def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     """Train one stage; returns the final metrics. The final model is written to OUTPUT_DIR/final."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from prefixpo.checkpoint import load_state, resolve_checkpoint, rng_state, save_checkpoint, save_model
+    from prefixpo.checkpoint import (
+        SHARDED_DIR,
+        checkpoint_dirs,
+        finish_checkpoint,
+        load_sharded_state,
+        load_state,
+        resolve_checkpoint,
+        rng_state,
+        save_checkpoint,
+        save_model,
+        save_sharded_state,
+        start_checkpoint,
+    )
     from prefixpo.checkpoint import set_rng_state as restore_rng
+    from prefixpo.distributed import apply_fsdp_hints, reference_for_step, synchronize, tied_embeddings
     from prefixpo.logprobs import ScoredLM
     from prefixpo.losses import get_loss
-    from prefixpo.modeling import apply_prefix_attention
+    from prefixpo.modeling import apply_prefix_attention, build_attention_masks
     from prefixpo.pairs import PairConfig
     from prefixpo.step import preference_step, sft_step
 
@@ -279,6 +336,10 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
                               project_dir=str(out))
     main = accelerator.is_main_process
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not accelerator.is_fsdp2:
+        raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                          "(examples/accelerate/fsdp2.yaml)")
     if cfg.torch_num_threads:
         torch.set_num_threads(cfg.torch_num_threads)
     set_seed(cfg.seed)
@@ -297,27 +358,33 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError(f"config key `packing_capacity`: a group of {max(lengths)} tokens does not fit "
                               f"in {cfg.packing_capacity}; raise it or lower max_length")
 
-    source = str(checkpoint) if checkpoint is not None and not cfg.use_peft else cfg.model_name_or_path
-    model = load_model(source, cfg, cfg.seed)
+    master = cfg.bf16 and (cfg.fp32_master_weights or fsdp) and not cfg.load_in_4bit
+    resume_weights = checkpoint is not None and not cfg.use_peft
+    source = str(checkpoint) if resume_weights else cfg.model_name_or_path
+    # a checkpoint holds the fp32 master weights: load them as they are, not rounded to bf16
+    model = load_model(source, cfg, cfg.seed, dtype=torch.float32 if resume_weights and master else None)
     if cfg.use_peft:
         model = apply_lora(model, cfg, checkpoint)
+    if master:
+        upcast_trainable(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if not cfg.load_in_4bit:  # a quantized model is placed on the GPU when it loads
         model.to(accelerator.device)
     apply_prefix_attention(model, cfg.attention_backend)
-    train_ref, eval_ref, ref_mode = build_reference(cfg, model, train_groups, eval_groups, accelerator)
     loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs()) if cfg.stage == "preference" else None
     pair_config = PairConfig(cfg.pair_strategy, cfg.pair_min_gap)
 
     policy = ScoredLM(model)
+    tied = tied_embeddings(model)
+    if fsdp:
+        apply_fsdp_hints(policy)
     if cfg.torch_compile:
         policy = torch.compile(policy)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
-                                  fused=accelerator.device.type == "cuda")
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                  weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda")
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = len(epoch_plan(train_groups, cfg, 0, world, rank))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
@@ -325,14 +392,26 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    params = [p for p in policy.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
+    if tied and not tied_embeddings(accelerator.unwrap_model(policy)):
+        raise TrainingError("the model's tied input and output embeddings became two parameters when the model "
+                            "was prepared; set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
+    train_ref, eval_ref, ref_mode = build_reference(cfg, policy, train_groups, eval_groups, accelerator,
+                                                    sharded=fsdp)
 
     step = 0
     metrics_path = out / "metrics.jsonl"
     if checkpoint is not None:
         state = load_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp == ("optimizer" in state):  # sharded optimizer state (FSDP) or a whole one
+            raise TrainingError(f"{checkpoint} was saved {'without' if fsdp else 'with'} FSDP; resume it "
+                                f"{'without' if fsdp else 'with'} FSDP too")
+        if fsdp:  # this rank's optimizer shard and RNG state
+            load_sharded_state(policy, optimizer.optimizer, checkpoint / SHARDED_DIR)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+            restore_rng(state["rng"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
         step = state["step"]
         if main:
             truncate_metrics(metrics_path, step)
@@ -351,16 +430,31 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         return {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(policy).items()}
 
     def save(at_step: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                 "step": at_step, "epoch": at_step // max(steps_per_epoch, 1)}
+        """Every rank calls it. The main process writes the whole model; under FSDP every rank also
+        writes its optimizer shard into the same temporary directory before the rename."""
+        started = time.perf_counter()
+        state = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": at_step,
+                 "epoch": at_step // max(steps_per_epoch, 1)}
+        if not fsdp:
+            state["optimizer"] = optimizer.state_dict()
         accelerator.wait_for_everyone()
         weights = full_weights()
+        inner = accelerator.unwrap_model(policy).model
         path = None
-        if main:
-            path = save_checkpoint(out, at_step, accelerator.unwrap_model(policy).model, tokenizer, state,
-                                   cfg.save_total_limit, state_dict=weights)
+        if not fsdp:
+            if main:
+                path = save_checkpoint(out, at_step, inner, tokenizer, state, cfg.save_total_limit, state_dict=weights)
+        else:
+            if main:
+                save_model(inner, tokenizer, start_checkpoint(out, at_step), state_dict=weights)
+            accelerator.wait_for_everyone()  # the temporary directory exists
+            save_sharded_state(policy, optimizer.optimizer, checkpoint_dirs(out, at_step)[1] / SHARDED_DIR)
+            accelerator.wait_for_everyone()  # every rank wrote its shard
+            if main:
+                path = finish_checkpoint(out, at_step, state, cfg.save_total_limit)
         accelerator.wait_for_everyone()
-        return path
+        window.started += time.perf_counter() - started  # throughput counts training time only
+        return path or out / f"checkpoint-{at_step}"
 
     def log(record: dict[str, Any]) -> None:
         if main:
@@ -377,7 +471,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         last_eval.clear()
         last_eval.update(result, step=at_step)
         log({"step": at_step, "stage": cfg.stage, "split": "eval", **result})
-        if main and cfg.generate_during_eval:
+        if main and cfg.generate_during_eval and not fsdp:
             (out / "samples").mkdir(exist_ok=True)
             generate_samples(policy, tokenizer, eval_groups, cfg, out / "samples" / f"step-{at_step}.jsonl")
         window.started += time.perf_counter() - started  # throughput counts training time only
@@ -386,6 +480,10 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     def no_sync(last: bool):
         return nullcontext() if last or world == 1 else accelerator.no_sync(policy)
 
+    if cfg.generate_during_eval and fsdp and main:
+        print("note: generate_during_eval is skipped under FSDP (generation needs the whole model on one rank)",
+              file=sys.stderr)
+    lengths = group_lengths(train_groups, cfg)
     bar = tqdm(total=total_steps, initial=step, disable=not main or cfg.disable_progress_bar,
                desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
     window, plans = Window(), {}
@@ -398,13 +496,23 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             epoch, index = divmod(step, steps_per_epoch)
             if epoch not in plans:
                 plans = {epoch: epoch_plan(train_groups, cfg, epoch, world, rank)}
-            micro_batches = [make_batch(train_groups, rows, cfg, accelerator.device) for rows in plans[epoch][index]]
+            synchronize(accelerator.device)
+            started = time.perf_counter()
+            rows = plans[epoch][index]
+            micro_batches = [make_batch(train_groups, r, cfg, accelerator.device) for r in rows]
             if cfg.stage == "sft":
                 result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync)
             else:
-                result = preference_step(policy, micro_batches, loss_fn, train_ref, pair_config,
+                reference = reference_for_step(train_ref, micro_batches, lambda mb: build_attention_masks(policy, mb))
+                result = preference_step(policy, micro_batches, loss_fn, reference, pair_config,
                                          cfg.logps_chunk_size, no_sync=no_sync)
-            loss = accelerator.reduce(torch.tensor(result.loss, device=accelerator.device), reduction="sum").item()
+            synchronize(accelerator.device)
+            compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
+            tokens = sum(lengths[i] for mb in rows for row in mb for i in row)
+            # one gather: every rank's loss share, real tokens and compute time
+            ranks = accelerator.gather(torch.tensor([[result.loss, tokens, compute_s]], dtype=torch.float64,
+                                                    device=accelerator.device)).cpu()
+            loss = ranks[:, 0].sum().item()
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"the loss is {loss} at step {step + 1}; stopping without saving. The last good checkpoint "
@@ -415,23 +523,19 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window.steps += 1
-            window.loss += loss
-            window.count += result.count
-            window.tokens += sum(int((mb.document_ids >= 0).sum()) for mb in micro_batches)
-            for k, v in result.metrics.items():
-                window.metrics[k] = window.metrics.get(k, 0.0) + v
+            window.add(loss, result.count, ranks[:, 1].tolist(), ranks[:, 2].tolist(), result.metrics)
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 keys = sorted(window.metrics)
-                sums = accelerator.reduce(torch.tensor([window.metrics[k] for k in keys] + [window.tokens],
-                                                       dtype=torch.float64, device=accelerator.device), "sum")
+                sums = accelerator.reduce(torch.tensor([window.metrics[k] for k in keys], dtype=torch.float64,
+                                                       device=accelerator.device), "sum")
                 seconds = time.perf_counter() - window.started
                 unit = "tokens" if cfg.stage == "sft" else "pairs"
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "stage": cfg.stage,
                           "split": "train", "loss": window.loss / window.steps,
                           "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          f"{unit}_per_s": window.count / seconds, "tokens_per_s": sums[-1].item() / seconds,
+                          f"{unit}_per_s": window.count / seconds, "tokens_per_s": sum(window.rank_tokens) / seconds,
+                          "step_time_s": seconds / window.steps, **window.balance(),
                           **{k: sums[i].item() / window.count for i, k in enumerate(keys)}}
                 log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{unit}/s": f"{record[f'{unit}_per_s']:.1f}"})
@@ -461,6 +565,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             plot_run(out)
         except Exception as err:  # plotting is a convenience; a missing matplotlib must not fail a run
             print(f"note: no plots ({err})", file=sys.stderr)
+    accelerator.wait_for_everyone()
     if cfg.reports:
         accelerator.end_training()
     return final_metrics
