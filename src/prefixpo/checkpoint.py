@@ -118,7 +118,10 @@ def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the template to load into
+    # the template to load into: torch fills in the state with a zero-lr step, but only when no
+    # parameter holds a gradient yet (loading is done between steps)
+    optimizer.zero_grad(set_to_none=True)
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=str(directory))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     rng = directory / f"rng-{dist.get_rank()}.pt"
