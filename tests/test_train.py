@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT
+from test_distributed import free_port
 
 from prefixpo.cli import main
 
@@ -263,19 +264,42 @@ def test_qlora_needs_peft_and_bitsandbytes(tmp_path, capsys):
         assert "bitsandbytes" in capsys.readouterr().err
 
 
-def test_two_process_ddp_through_accelerate_launch(tmp_path):
-    """The trainer under `accelerate launch` with 2 CPU processes (gloo): it finishes, one process
-    writes the metrics, and the final model loads. (tests/test_distributed.py checks the gradient.)"""
+def test_two_processes_log_the_losses_of_one_process_with_the_same_global_batch(tmp_path):
+    """The trainer on 2 CPU processes (gloo) with gradient_accumulation_steps 1 against 1 process
+    with 2: every step trains the same pairs, so the logged train and eval losses match and the
+    final weights match up to float rounding. 47 rows leave one rank an empty eval row, so the
+    eval is gathered over uneven ranks. torchrun starts the ranks: `accelerate launch --cpu` starts
+    one process without mpirun, and accelerate reads the ranks from torchrun's environment."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    config = write_config(tmp_path, max_steps=4, save_steps=2, torch_num_threads=1,
-                          eval_dataset=str(QUICK / "data" / "pref_eval.jsonl"), eval_steps=2)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "prefixpo.cli", "train", "--config", str(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    config = write_config(tmp_path, max_samples=47, max_steps=4, save_steps=2, torch_num_threads=1,
+                          gradient_accumulation_steps=1, eval_dataset=str(QUICK / "data" / "pref_eval.jsonl"),
+                          eval_steps=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "prefixpo.cli", "train", "--config", str(config), "--output_dir",
+           str(tmp_path / "two")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4]
-    assert [r["step"] for r in lines if r["split"] == "eval"] == [0, 2, 4]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
+    assert main(["train", "--config", str(config), "--output_dir", str(tmp_path / "one"),
+                 "--gradient_accumulation_steps", "2"]) == 0
+
+    def records(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = records("one"), records("two")  # one writer per run: no duplicated lines
+    assert [(r["split"], r["step"]) for r in two] == [(r["split"], r["step"]) for r in one] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    for a, b in zip(one, two):
+        for key in ("loss", "rewards/margins", "logps/chosen"):  # (accuracy: a margin near 0 may flip)
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["split"], a["step"], key)
+        if a["split"] == "train":
+            assert len(b["rank_tokens"]) == 2 and sum(b["rank_tokens"]) == a["rank_tokens"][0]
+            assert 0 <= b["rank_token_imbalance"] < 0.5 and 0 <= b["slowest_rank_idle"] < 1
+    w1, w2 = load_file(tmp_path / "one" / "final" / "model.safetensors"), \
+        load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4 * float(w1[k].abs().max()), msg=k)
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final") is not None
