@@ -58,3 +58,30 @@ def test_fsdp2_two_processes_equal_one_and_the_sharded_optimizer_state_round_tri
     assert single["exp_avg_sq"].keys() == two["exp_avg_sq"].keys()
     for name, v in single["exp_avg_sq"].items():
         torch.testing.assert_close(two["exp_avg_sq"][name], v, rtol=2e-5, atol=1e-12, msg=name)
+
+
+def test_the_fsdp2_accelerate_config_launches_ranks_with_an_fsdp2_plugin(tmp_path):
+    """examples/accelerate/fsdp2.yaml under `accelerate launch --num_processes 2` (overriding the
+    file's 8): two ranks, each parsing it into accelerate's FSDP2 plugin. (accelerate runs FSDP
+    only on GPUs; on CPU this checks the config and the launch.)"""
+    import json
+
+    root = WORKER.parents[1]
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, os\n"
+        "from accelerate.utils import FullyShardedDataParallelPlugin\n"
+        "p = FullyShardedDataParallelPlugin()\n"
+        "print(json.dumps({'rank': os.environ['RANK'], 'world': os.environ['WORLD_SIZE'], 'version': p.fsdp_version,\n"
+        "    'reshard': p.reshard_after_forward, 'wrap': p.auto_wrap_policy.__name__, 'state': p.state_dict_type.name,\n"
+        "    'ram_efficient': p.cpu_ram_efficient_loading, 'ac': p.activation_checkpointing}))\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "examples" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2", "--main_process_port",
+           str(free_port()), str(probe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                  key=lambda r: r["rank"])
+    assert [(r["rank"], r["world"]) for r in seen] == [("0", "2"), ("1", "2")]
+    assert all(r["version"] == 2 and r["reshard"] is True and r["wrap"] == "transformer_auto_wrap_policy"
+               and r["state"] == "SHARDED_STATE_DICT" and r["ram_efficient"] is False for r in seen)

@@ -16,7 +16,9 @@ here is FSDP2 (``torch.distributed.fsdp.fully_shard``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -51,6 +53,26 @@ def apply_fsdp_hints(policy: ScoredLM) -> ScoredLM:
     if hasattr(inner, "tie_weights"):
         policy.tie_weights = inner.tie_weights
     return policy
+
+
+@contextmanager
+def every_rank_loads_weights() -> Iterator[None]:
+    """Load a model whole on every rank, whatever ``fsdp_cpu_ram_efficient_loading`` says.
+
+    With that option transformers leaves the weights empty on all but local rank 0, counting on
+    accelerate's ``prepare`` to broadcast them; the frozen reference is not prepared by
+    accelerate, so it would keep empty weights on the other ranks.
+    """
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _fully_shard():

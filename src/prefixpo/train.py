@@ -252,7 +252,7 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
 
     ``policy``: the prepared policy. ``sharded`` (FSDP): a frozen reference model is sharded like
     the policy, and a reference that runs a sharded forward is marked collective."""
-    from prefixpo.distributed import collective, shard_frozen
+    from prefixpo.distributed import collective, every_rank_loads_weights, shard_frozen
     from prefixpo.losses import loss_requires_reference
     from prefixpo.modeling import apply_prefix_attention
     from prefixpo.reference import (
@@ -278,7 +278,8 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
         fn = collective(fn) if sharded else fn
         return fn, fn, mode
     source = cfg.ref_model_name_or_path or cfg.model_name_or_path
-    reference = load_model(source, cfg, cfg.seed).to(accelerator.device).eval().requires_grad_(False)
+    with every_rank_loads_weights():
+        reference = load_model(source, cfg, cfg.seed).to(accelerator.device).eval().requires_grad_(False)
     apply_prefix_attention(reference, cfg.attention_backend)
     if mode == "model":
         if sharded:  # 1/world of the frozen model per rank, instead of a full copy
