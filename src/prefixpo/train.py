@@ -338,6 +338,11 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                               project_dir=str(out))
     main = accelerator.is_main_process
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("DeepSpeed is not supported yet: the training step calls backward itself, where "
+                          "DeepSpeed needs its engine's backward and step, and ZeRO-3 loads the model already "
+                          "partitioned, which the attention checks cannot read. Use FSDP2 "
+                          "(examples/accelerate/fsdp2.yaml) for sharded training.")
     if fsdp and not accelerator.is_fsdp2:
         raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
                           "(examples/accelerate/fsdp2.yaml)")
