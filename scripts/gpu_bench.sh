@@ -12,11 +12,12 @@ PROFILES=${PREFIXPO_BENCH_PROFILES:-.carry/bench_profiles.json}
 mkdir -p "$OUT"
 export PYTHONPATH=src
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-# soft budget 330 s (no new profile x mode starts after it), hard stop 420 s
-timeout 420 python -m prefixpo.cli bench --profile all --model llama-1b --profiles "$PROFILES" \
-    --steps 10 --warmup 3 --time-budget 330 --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
+# soft budget 400 s (no new profile x mode starts after it), hard stop 470 s; TORCH_LOGS lists
+# any recompilation (and why) in bench.log
+TORCH_LOGS=recompiles timeout 470 python -m prefixpo.cli bench --profile all --model llama-1b --profiles "$PROFILES" \
+    --steps 5 --warmup 2 --time-budget 400 --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
 echo "bench exit code $?"
-timeout 130 python -m prefixpo.cli bench --attention --repeats 10 \
+timeout 100 python -m prefixpo.cli bench --attention --repeats 10 \
     --json "$OUT/attention.jsonl" --plot "$OUT/attention.png" > "$OUT/attention.log" 2>&1
 echo "attention exit code $?"
 tail -n 40 "$OUT/attention.log"

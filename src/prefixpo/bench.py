@@ -37,6 +37,9 @@ from prefixpo.packing import bucket_lengths, pack, row_length, split_rows_over_r
 from prefixpo.pairs import BatchPairs
 
 MODES = ("separate", "separate-packed", "shared", "shared-packed")
+# modes whose rows come from a few bucketed lengths: their layers compile statically, once per length;
+# `separate` (TRL's recipe) and the unpacked `shared` rows change length every batch and run eager
+COMPILED_MODES = ("separate-packed", "shared-packed")
 PEAKS_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak, SXM (NVIDIA datasheet)
 
 
@@ -402,7 +405,8 @@ def set_mode_attention(models: Sequence[nn.Module], mode: str, backend: str) -> 
 
 
 def set_compiled(models: Sequence[nn.Module], on: bool) -> None:
-    """``torch.compile`` every decoder layer (automatic dynamic shapes), or switch back to eager.
+    """``torch.compile`` every decoder layer (static shapes: one graph per bucketed row length, as
+    symbolic lengths made FlexAttention 1.8x slower, docs/benchmarks.md), or switch back to eager.
 
     Each layer is compiled once; switching keeps the compiled forward aside (``nn.Module.compile``
     stores it in ``_compiled_call_impl``), so a mode that runs eager costs no recompilation later."""
@@ -411,7 +415,7 @@ def set_compiled(models: Sequence[nn.Module], on: bool) -> None:
     for m in models:
         for layer in decoder_of(m).layers:
             if on and getattr(layer, "_prefixpo_compiled", None) is None:
-                layer.compile(dynamic=None)
+                layer.compile(dynamic=False)
                 layer._prefixpo_compiled = layer._compiled_call_impl
             layer._compiled_call_impl = getattr(layer, "_prefixpo_compiled", None) if on else None
 
@@ -428,7 +432,7 @@ def run_mode(mode: str, policy: nn.Module, reference: nn.Module, steps: Sequence
 
     device = next(policy.parameters()).device
     set_mode_attention([policy, reference], mode, settings["backend"])
-    compiled = settings["compile_model"] and mode != "separate"
+    compiled = settings["compile_model"] and mode in COMPILED_MODES
     set_compiled([policy, reference], compiled)
     policy.load_state_dict(reference.state_dict())  # every mode starts from the same weights
     policy.zero_grad(set_to_none=True)
@@ -541,7 +545,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--rows-per-step)")
     parser.add_argument("--micro-pairs", type=int, default=4,
                         help="pairs per micro-batch of the unpacked modes (default 4, TRL's batch in PEERS.md)")
-    parser.add_argument("--num-buckets", type=int, default=8, help="packed row lengths (default 8)")
+    parser.add_argument("--num-buckets", type=int, default=4, help="packed row lengths (default 4)")
     parser.add_argument("--num-examples", type=int, default=512, help="groups sampled per profile (default 512)")
     parser.add_argument("--profiles", default=None,
                         help="bench_profiles.json (default $PREFIXPO_BENCH_PROFILES or ../shared/bench_profiles.json)")
@@ -549,8 +553,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["auto", "flex", "sdpa"], default="auto",
                         help="prefixpo attention of the non-separate modes (auto: flex on cuda, sdpa on cpu)")
     parser.add_argument("--compile-model", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile every decoder layer in the prefixpo modes (default: on for cuda; "
-                             "`separate`, TRL's recipe, always runs eager)")
+                        help="torch.compile every decoder layer in the packed modes (default: on for cuda; "
+                             "`separate`, TRL's recipe, and unpacked `shared` always run eager)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4],
                         help="data-parallel rank counts for which to report the waiting of the other ranks for "
                              "the slowest, from measured micro-batch times (default 2 4)")

@@ -76,6 +76,20 @@ def _chunk_kernels(fused: bool):
     return _fused["forward"], _fused["backward"]
 
 
+def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``n`` rows in near-equal chunks of at most ``chunk_size`` (no tiny last chunk, which would
+    give the compiled kernels one more shape).
+
+    >>> _chunks(10, 4)
+    [(0, 4), (4, 8), (8, 10)]
+    >>> _chunks(2049, 1024)
+    [(0, 683), (683, 1366), (1366, 2049)]
+    """
+    count = max(1, -(-n // chunk_size))
+    size = -(-n // count)
+    return [(start, min(start + size, n)) for start in range(0, n, size)] if n else []
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -93,8 +107,7 @@ class _ScoredTokenLogprobs(torch.autograd.Function):
         logps = torch.empty(hidden.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         lse = torch.empty_like(logps)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_size):
-                end = start + chunk_size
+            for start, end in _chunks(hidden.shape[0], chunk_size):
                 raw = F.linear(hidden[start:end].to(dtype), w, b)
                 logps[start:end], lse[start:end] = forward_chunk(raw, targets[start:end], softcap, scale)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -113,8 +126,7 @@ class _ScoredTokenLogprobs(torch.autograd.Function):
         wide = torch.promote_types(dtype, torch.float32)
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_bias else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = start + chunk_size
+        for start, end in _chunks(hidden.shape[0], chunk_size):
             h = hidden[start:end].to(dtype)
             raw = F.linear(h, w, b)
             grad = backward_chunk(raw, targets[start:end], lse[start:end], grad_logps[start:end], softcap, scale)

@@ -27,19 +27,36 @@ from prefixpo.layout import Batch
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+SEGMENT_BITS = 12  # responses per group < 4096
+
+
+def token_codes(document_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """One int32 code per token, ``document * 4096 + segment``, so the rule reads two values per
+    (q, k) instead of four. A prompt token's code is its group's code with the low bits clear.
+
+    >>> token_codes(torch.tensor([[0, 0, 1, -1]]), torch.tensor([[0, 2, 1, 0]])).tolist()
+    [[0, 2, 4097, -4096]]
+    """
+    if segment_ids.numel() and int(segment_ids.max()) >= 1 << SEGMENT_BITS:
+        raise ValueError(f"a group has more than {(1 << SEGMENT_BITS) - 1} responses")
+    return (document_ids.to(torch.int32) << SEGMENT_BITS) | segment_ids.to(torch.int32)
+
+
 def prefix_mask_mod(document_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor,
                     sliding_window: int | None = None) -> MaskMod:
     """The attention predicate ``(b, h, q, k) -> bool`` over ``[rows, T]`` layout tensors.
 
     The same function serves FlexAttention (scalar index tensors) and the dense builder
-    (broadcast index tensors).
+    (broadcast index tensors). With ``code = document * 4096 + segment``, k is visible to q iff
+    k <= q and k's code is q's own (same response, or both in the same prompt) or that of q's group
+    prompt (q's code with the segment bits cleared).
     """
+    codes = token_codes(document_ids, segment_ids)
+    prompt_bits = ~((1 << SEGMENT_BITS) - 1)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        same_document = document_ids[b, q] == document_ids[b, k]
-        key_segment = segment_ids[b, k]
-        visible_segment = (key_segment == 0) | (key_segment == segment_ids[b, q])
-        allowed = (k <= q) & same_document & visible_segment
+        code_q, code_k = codes[b, q], codes[b, k]
+        allowed = (k <= q) & ((code_k == code_q) | (code_k == (code_q & prompt_bits)))
         if sliding_window is not None:
             allowed = allowed & (position_ids[b, q] - position_ids[b, k] < sliding_window)
         return allowed
