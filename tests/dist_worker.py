@@ -115,11 +115,19 @@ def main() -> None:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if sharded:  # sharded save, then load into a fresh optimizer over the same shards
-        from prefixpo.checkpoint import load_sharded_state, save_sharded_state
+    weights = {}
+    if sharded:  # the gathered model as the trainer saves it, then the sharded optimizer state round trip
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from prefixpo.checkpoint import load_sharded_state, save_model, save_sharded_state
+
+        # what Accelerator.get_state_dict does under FSDP2
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+        gathered = {k.removeprefix("model."): v for k, v in get_model_state_dict(policy, options=options).items()}
+        weights = {n.removeprefix("model."): full(p).detach().clone() for n, p in policy.named_parameters()}
         directory = Path(args.checkpoint)
         if args.rank == 0:
+            save_model(policy.model, None, directory.with_name("model"), state_dict=gathered)
             directory.mkdir(parents=True)
         dist.barrier()
         save_sharded_state(policy, optimizer, directory)
@@ -131,7 +139,7 @@ def main() -> None:
     moments = {names[p]: full(s["exp_avg_sq"]).clone() for p, s in optimizer.state.items()}
     if args.rank == 0:
         torch.save({"loss": loss.item(), "rows": len(mine), "count": result.count, "grads": grads,
-                    "exp_avg_sq": moments}, args.out)
+                    "exp_avg_sq": moments, "weights": weights}, args.out)
     if args.world_size > 1:
         dist.destroy_process_group()
 

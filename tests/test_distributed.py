@@ -50,9 +50,16 @@ def test_two_processes_equal_one(single, tmp_path):
 def test_fsdp2_two_processes_equal_one_and_the_sharded_optimizer_state_round_trips(single, tmp_path):
     """FSDP2 on 2 ranks, one of which gets an empty row (the sharded reference must still run
     there): the same loss and gradients; Adam's second moments after one step, saved sharded and
-    loaded into a fresh optimizer, equal the single process's."""
+    loaded into a fresh optimizer, equal the single process's; the model gathered from the shards
+    and saved loads with from_pretrained and holds the shards' weights."""
+    from transformers import AutoModelForCausalLM
+
     two = run_two(tmp_path / "fsdp.pt", "--fsdp", "--checkpoint", str(tmp_path / "sharded"))
     assert_same_step(single, two)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    assert two["weights"].keys() <= loaded.keys() and len(two["weights"]) > 10
+    assert all(torch.equal(loaded[k], w) for k, w in two["weights"].items())
+    assert torch.equal(loaded["lm_head.weight"], two["weights"]["model.embed_tokens.weight"])  # tied
     assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "rng-0.pt", "rng-1.pt"]
     assert single["exp_avg_sq"].keys() == two["exp_avg_sq"].keys()
