@@ -170,6 +170,13 @@ class Window:
                 **{k: v / max(self.steps, 1) for k, v in self.imbalance.items()}}
 
 
+def memory(device: torch.device) -> dict[str, float]:
+    """This rank's peak GPU memory so far, in GiB (nothing on CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+
+
 def write_metrics(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -541,7 +548,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                           "split": "train", "loss": window.loss / window.steps,
                           "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           f"{unit}_per_s": window.count / seconds, "tokens_per_s": sum(window.rank_tokens) / seconds,
-                          "step_time_s": seconds / window.steps, **window.balance(),
+                          "step_time_s": seconds / window.steps, **window.balance(), **memory(accelerator.device),
                           **{k: sums[i].item() / window.count for i, k in enumerate(keys)}}
                 log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{unit}/s": f"{record[f'{unit}_per_s']:.1f}"})
