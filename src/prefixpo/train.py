@@ -547,6 +547,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "stage": cfg.stage,
                           "split": "train", "loss": window.loss / window.steps,
                           "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "target_tokens" if cfg.stage == "sft" else "pairs": window.count,
                           f"{unit}_per_s": window.count / seconds, "tokens_per_s": sum(window.rank_tokens) / seconds,
                           "step_time_s": seconds / window.steps, **window.balance(), **memory(accelerator.device),
                           **{k: sums[i].item() / window.count for i, k in enumerate(keys)}}
