@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# One GPU against FSDP2 on two, the same global batch (docs/training.md "Several GPUs"), in one
+# device call of under 9 minutes, on the 2-GPU machine (nvidia-h200-x2):
+#   1. the llama-1b config of bench_profiles.json (random weights, tied embeddings) in /tmp/llama-1b
+#   2. one:    1 GPU, DPO (sigmoid) with prefix sharing, packing (8192), bf16, FlexAttention, eager
+#              model, a frozen reference; 1 packed row per micro-batch x 4 accumulation steps
+#   3. multi:  accelerate launch with examples/accelerate/fsdp2.yaml on 2 GPUs, 2 accumulation
+#              steps: the same 4 rows per optimizer step; a checkpoint at step SAVE
+#   4. resume: from that checkpoint, RESUME_STEPS steps, in another directory
+#   5. load:   the multi run's final model and its checkpoint with plain from_pretrained, a forward
+#   6. summary (scripts/multi_gpu_summary.py): pairs/s and scaling, loss differences per step,
+#              rank imbalance, loss_curves.png and multi_gpu_summary.json
+# Every part runs under `timeout` (within BUDGET seconds in all) and prints its exit code; a failed
+# part does not stop the later ones. Runs are written to /tmp/multi; only logs, metrics, the plot and
+# the summary go to $OUT. Run from the repository root: OUT=$OUT bash scripts/gpu_multi_run.sh
+# (wheels for `datasets` in .whl/, data in .carry/ as save_to_disk directories, as gpu_train_run.sh).
+set -u
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+OUT=${OUT:-multi-out}
+BUDGET=${BUDGET:-500}            # seconds for parts 0-5; the summary gets its own 40
+STEPS=${STEPS:-40} SAVE=${SAVE:-25} RESUME_STEPS=${RESUME_STEPS:-4} GA=${GA:-4}
+PROFILES=${PREFIXPO_BENCH_PROFILES:-.carry/bench_profiles.json}
+MODEL=${MODEL:-/tmp/llama-1b}
+WORK=${WORK:-/tmp/multi}
+PY=${PY:-python3}
+# how the 2-rank runs start (a CPU dry run replaces it with torchrun, see docs/training.md)
+LAUNCH=${LAUNCH:-$PY -m accelerate.commands.launch --config_file examples/accelerate/fsdp2.yaml --num_processes 2}
+PORT_FLAG=${PORT_FLAG:---main_process_port}
+ONE_GPU=${ONE_GPU:-CUDA_VISIBLE_DEVICES=0}
+EXTRA=${EXTRA:-}                 # further trainer overrides (a CPU dry run: tiny model, sdpa, no bf16)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off
+export PREFIXPO_CACHE=/tmp/prefixpo-cache TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+rm -rf "$WORK" && mkdir -p "$WORK"
+: > "$OUT/parts.txt"
+
+part() {  # part NAME SECONDS COMMAND...: at most SECONDS (and what is left of BUDGET); log in $OUT/NAME.log
+    local name=$1 limit=$2 left
+    shift 2
+    left=$(( BUDGET - ($(date +%s) - START) ))
+    if (( left < limit )); then limit=$left; fi
+    if (( limit < 15 )); then
+        echo "part $name: skipped, ${left}s of the budget left" | tee -a "$OUT/parts.txt"
+        return
+    fi
+    local t0 rc
+    t0=$(date +%s)
+    timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    echo "part $name: exit $rc after $(( $(date +%s) - t0 ))s (limit ${limit}s)" | tee -a "$OUT/parts.txt"
+    grep -v -i -E "warn|^\s*$" "$OUT/$name.log" | tail -n 6
+}
+
+if [ -d .whl ]; then
+    timeout 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl
+    echo "part wheels: exit $?" | tee -a "$OUT/parts.txt"
+    export PYTHONPATH=/tmp/site:src
+else
+    export PYTHONPATH=src
+fi
+{ nvidia-smi -L; timeout 60 $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if [ ! -f "$MODEL/config.json" ]; then
+    mkdir -p "$MODEL"
+    $PY - "$PROFILES" "$MODEL" <<'PY'
+import json, sys
+spec = json.load(open(sys.argv[1]))["models"]["llama-1b"]
+cfg = {k: v for k, v in spec.items() if k != "architecture"}
+cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+json.dump(cfg, open(sys.argv[2] + "/config.json", "w"))
+PY
+fi
+TRAIN=${TRAIN:-.carry/capybara}
+if [ ! -d "$TRAIN" ] && [ ! -f "$TRAIN" ]; then
+    TRAIN=$WORK/capybara.jsonl
+    timeout 120 $PY scripts/make_synthetic_pairs.py --profile capybara --profiles "$PROFILES" --num 512 --out "$TRAIN"
+fi
+
+# the same run on 1 and 2 GPUs; no eval (evaluation across ranks is checked on CPU in tests/test_train.py).
+# constant after warm-up: the resumed run's shorter max_steps does not change its learning rates
+read -r -a EXTRA_ARGS <<< "$EXTRA"
+COMMON=(--model_name_or_path "$MODEL" --tokenizer_name_or_path examples/quickstart/tokenizer --stage preference
+    --dataset "$TRAIN" --data "{use_cache: false}" --max_length 2842 --seed 0
+    --loss_type sigmoid --beta 0.1 --reference_mode model --learning_rate 1e-5
+    --lr_scheduler_type constant_with_warmup --warmup_steps 5 --per_device_train_batch_size 1
+    --packing true --packing_capacity 8192 --bf16 true --attention_backend flex --torch_compile false
+    --logging_steps 1 --disable_progress_bar true "${EXTRA_ARGS[@]}")
+# shellcheck disable=SC2086
+part one 160 env $ONE_GPU $PY -m prefixpo.cli train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
+    --max_steps "$STEPS" --output_dir "$WORK/one"
+# shellcheck disable=SC2086
+part multi 190 $LAUNCH $PORT_FLAG 29531 -m prefixpo.cli train "${COMMON[@]}" \
+    --gradient_accumulation_steps $(( GA / 2 )) --max_steps "$STEPS" --save_steps "$SAVE" --output_dir "$WORK/multi"
+ls -la "$WORK/multi/checkpoint-$SAVE" "$WORK/multi/checkpoint-$SAVE/sharded" > "$OUT/checkpoint-listing.txt" 2>&1
+# shellcheck disable=SC2086
+part resume 130 $LAUNCH $PORT_FLAG 29532 -m prefixpo.cli train "${COMMON[@]}" \
+    --gradient_accumulation_steps $(( GA / 2 )) --max_steps $(( SAVE + RESUME_STEPS )) --save_steps null \
+    --resume_from_checkpoint "$WORK/multi/checkpoint-$SAVE" --output_dir "$WORK/resume"
+part load 80 $PY scripts/multi_gpu_summary.py load "$WORK/multi/final" "$WORK/multi/checkpoint-$SAVE" \
+    --out "$OUT/from_pretrained.json"
+
+BUDGET=$(( BUDGET + 40 ))
+part summary 40 $PY scripts/multi_gpu_summary.py summary --one "$WORK/one" --multi "$WORK/multi" \
+    --resume "$WORK/resume" --loaded "$OUT/from_pretrained.json" --out "$OUT"
+for run in one multi resume; do
+    cp "$WORK/$run/metrics.jsonl" "$OUT/$run-metrics.jsonl" 2>/dev/null
+done
+find "$OUT" -type f -size +20M -delete  # nothing big comes back
+echo "total $(( $(date +%s) - START ))s"

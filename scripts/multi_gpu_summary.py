@@ -1,0 +1,163 @@
+"""The results of scripts/gpu_multi_run.sh: one GPU against FSDP2 on two with the same global batch.
+
+    python scripts/multi_gpu_summary.py load DIR [DIR ...] --out from_pretrained.json
+    python scripts/multi_gpu_summary.py summary --one RUN --multi RUN --resume RUN --out OUT_DIR [--skip 5]
+
+``load``: each DIR with plain ``AutoModelForCausalLM.from_pretrained`` and one forward pass.
+``summary``: from the runs' metrics.jsonl (one line per step): steady-state pairs/s of each run
+(steps after ``--skip``, pairs over wall time), the scaling ratio, the per-step loss differences
+(multi vs one, and resumed vs multi at the resumed steps), the ranks' imbalance; writes
+multi_gpu_summary.json and loss_curves.png into OUT_DIR and prints the summary as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+# pass marks, stated with the numbers they judge
+SCALING_TARGET = 1.8  # pairs/s on 2 GPUs over 1 GPU
+RESUME_TOLERANCE = 1e-3  # |loss difference| of a resumed step: the same state, only kernel nondeterminism
+
+
+def load_check(directories: list[str]) -> dict[str, Any]:
+    """Plain ``from_pretrained`` of each directory and a forward pass on 16 tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results: dict[str, Any] = {}
+    for directory in directories:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory).to(device).eval()
+            ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device)).logits
+            results[directory] = {"ok": bool(torch.isfinite(logits).all()), "logits_shape": list(logits.shape),
+                                  "dtype": str(next(model.parameters()).dtype),
+                                  "params": sum(p.numel() for p in model.parameters())}
+            del model
+        except Exception as err:  # a failed load is the result to report, not a crash
+            results[directory] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
+    return results
+
+
+def train_records(run: Path) -> dict[int, dict[str, Any]]:
+    """The train lines of a run's metrics.jsonl by step (empty when the run wrote none)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if r.get("split") == "train"}
+
+
+def throughput(records: dict[int, dict[str, Any]], skip: int) -> dict[str, float] | None:
+    """Steady-state pairs/s: pairs over wall time of the steps after ``skip`` (compile, warm-up)."""
+    steady = [r for s, r in sorted(records.items()) if s > skip]
+    if not steady:
+        return None
+    seconds = sum(r["step_time_s"] for r in steady)
+    pairs = sum(r["pairs"] for r in steady)
+    return {"steps": len(steady), "pairs_per_s": pairs / seconds, "seconds": seconds, "pairs": pairs,
+            "median_step_time_s": statistics.median(r["step_time_s"] for r in steady)}
+
+
+def loss_differences(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per-step |loss(a) - loss(b)| over the steps both logged."""
+    steps = sorted(a.keys() & b.keys())
+    diffs = [abs(a[s]["loss"] - b[s]["loss"]) for s in steps]
+    if not steps:
+        return {"steps": []}
+    return {"steps": steps, "abs_diff": diffs, "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+            "same_pairs_each_step": all(a[s].get("pairs") == b[s].get("pairs") for s in steps)}
+
+
+def plot(one: dict, multi: dict, resume: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for records, label, style in ((one, "1 GPU", "-"), (multi, "FSDP2, 2 GPUs", "--")):
+        steps = sorted(records)
+        top.plot(steps, [records[s]["loss"] for s in steps], style, label=label)
+    if resume:
+        steps = sorted(resume)
+        top.plot(steps, [resume[s]["loss"] for s in steps], "o", mfc="none", label="FSDP2, resumed")
+    top.set_ylabel("train loss (per step)")
+    top.legend()
+    top.set_title("DPO on llama-1b, capybara profile: same global batch on 1 and 2 GPUs")
+    steps = sorted(one.keys() & multi.keys())
+    bottom.plot(steps, [abs(one[s]["loss"] - multi[s]["loss"]) for s in steps], ".-")
+    bottom.set_ylabel("|difference|")
+    bottom.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def summary(one_dir: Path, multi_dir: Path, resume_dir: Path, out: Path, skip: int,
+            loaded: Path | None) -> dict[str, Any]:
+    one, multi, resume = train_records(one_dir), train_records(multi_dir), train_records(resume_dir)
+    result: dict[str, Any] = {"steps_logged": {"one": len(one), "multi": len(multi), "resume": len(resume)}}
+    speed_one, speed_multi = throughput(one, skip), throughput(multi, skip)
+    result["throughput"] = {"one_gpu": speed_one, "fsdp_2_gpus": speed_multi, "skipped_steps": skip}
+    if speed_one and speed_multi:
+        ratio = speed_multi["pairs_per_s"] / speed_one["pairs_per_s"]
+        result["scaling"] = {"pairs_per_s_ratio": ratio, "target": SCALING_TARGET, "met": ratio >= SCALING_TARGET}
+    result["loss_one_vs_multi"] = loss_differences(one, multi)
+    resumed = loss_differences(multi, resume)
+    resumed["tolerance"], resumed["met"] = RESUME_TOLERANCE, bool(resumed["steps"]) and \
+        resumed["max_abs_diff"] <= RESUME_TOLERANCE
+    result["loss_resumed_vs_multi"] = resumed
+    steady = [r for s, r in sorted(multi.items()) if s > skip]
+    if steady:
+        result["ranks"] = {
+            "slowest_rank_idle_mean": statistics.fmean(r["slowest_rank_idle"] for r in steady),
+            "slowest_rank_idle_max": max(r["slowest_rank_idle"] for r in steady),
+            "rank_token_imbalance_mean": statistics.fmean(r["rank_token_imbalance"] for r in steady),
+            "rank_tokens_total": [sum(r["rank_tokens"][i] for r in steady) for i in range(len(steady[0]["rank_tokens"]))],
+        }
+    result["max_memory_gib"] = {name: max((r["max_memory_gib"] for r in recs.values() if "max_memory_gib" in r),
+                                          default=None) for name, recs in (("one", one), ("multi", multi))}
+    if loaded is not None and loaded.is_file():
+        checks = json.loads(loaded.read_text())
+        result["from_pretrained"] = {"ok": bool(checks) and all(c.get("ok") for c in checks.values()), **checks}
+    if one and multi:
+        plot(one, multi, resume, out / "loss_curves.png")
+    (out / "multi_gpu_summary.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    load = sub.add_parser("load")
+    load.add_argument("dirs", nargs="+")
+    load.add_argument("--out", required=True)
+    summ = sub.add_parser("summary")
+    for name in ("--one", "--multi", "--resume", "--out"):
+        summ.add_argument(name, required=True)
+    summ.add_argument("--skip", type=int, default=5)
+    summ.add_argument("--loaded", default=None, help="the JSON written by `load`")
+    args = parser.parse_args()
+    if args.command == "load":
+        results = load_check(args.dirs)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(json.dumps(results))
+    else:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = summary(Path(args.one), Path(args.multi), Path(args.resume), out, args.skip,
+                         Path(args.loaded) if args.loaded else None)
+        brief = {k: v for k, v in result.items() if k not in ("loss_one_vs_multi", "loss_resumed_vs_multi")}
+        for key in ("loss_one_vs_multi", "loss_resumed_vs_multi"):
+            brief[key] = {k: v for k, v in result[key].items() if k not in ("abs_diff", "steps")}
+        print(json.dumps(brief))
+
+
+if __name__ == "__main__":
+    main()
