@@ -264,42 +264,95 @@ def test_qlora_needs_peft_and_bitsandbytes(tmp_path, capsys):
         assert "bitsandbytes" in capsys.readouterr().err
 
 
-def test_two_processes_log_the_losses_of_one_process_with_the_same_global_batch(tmp_path):
-    """The trainer on 2 CPU processes (gloo) with gradient_accumulation_steps 1 against 1 process
-    with 2: every step trains the same pairs, so the logged train and eval losses match and the
-    final weights match up to float rounding. 47 rows leave one rank an empty eval row, so the
-    eval is gathered over uneven ranks. torchrun starts the ranks: `accelerate launch --cpu` starts
-    one process without mpirun, and accelerate reads the ranks from torchrun's environment."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+def two_process_config(directory: Path) -> Path:
+    """47 rows: one rank gets an empty eval row, so the eval is gathered over uneven ranks."""
+    return write_config(directory, max_samples=47, max_steps=4, save_steps=2, torch_num_threads=1,
+                        gradient_accumulation_steps=1, eval_dataset=str(QUICK / "data" / "pref_eval.jsonl"),
+                        eval_steps=2)
 
-    config = write_config(tmp_path, max_samples=47, max_steps=4, save_steps=2, torch_num_threads=1,
-                          gradient_accumulation_steps=1, eval_dataset=str(QUICK / "data" / "pref_eval.jsonl"),
-                          eval_steps=2)
+
+def launch_two(*args: str) -> None:
+    """Two CPU ranks (gloo) under torchrun: `accelerate launch --cpu` starts one process without
+    mpirun; accelerate reads the ranks from torchrun's environment."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "prefixpo.cli", "train", "--config", str(config), "--output_dir",
-           str(tmp_path / "two")]
+           str(free_port()), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(["train", "--config", str(config), "--output_dir", str(tmp_path / "one"),
-                 "--gradient_accumulation_steps", "2"]) == 0
 
-    def records(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
-    one, two = records("one"), records("two")  # one writer per run: no duplicated lines
-    assert [(r["split"], r["step"]) for r in two] == [(r["split"], r["step"]) for r in one] == [
-        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """One process with gradient_accumulation_steps 2: the global batch of 2 ranks x 1."""
+    directory = tmp_path_factory.mktemp("one")
+    assert main(["train", "--config", str(two_process_config(directory)), "--gradient_accumulation_steps", "2"]) == 0
+    return directory / "run"
+
+
+def assert_same_losses(one: list[dict], two: list[dict]) -> None:
+    """The same lines, train and eval losses and reward margins equal up to float rounding."""
+    assert [(r["split"], r["step"]) for r in two] == [(r["split"], r["step"]) for r in one]
     for a, b in zip(one, two):
         for key in ("loss", "rewards/margins", "logps/chosen"):  # (accuracy: a margin near 0 may flip)
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["split"], a["step"], key)
         if a["split"] == "train":
             assert len(b["rank_tokens"]) == 2 and sum(b["rank_tokens"]) == a["rank_tokens"][0]
+            assert b["pairs"] == a["pairs"]
             assert 0 <= b["rank_token_imbalance"] < 0.5 and 0 <= b["slowest_rank_idle"] < 1
-    w1, w2 = load_file(tmp_path / "one" / "final" / "model.safetensors"), \
-        load_file(tmp_path / "two" / "final" / "model.safetensors")
+
+
+def assert_close_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4 * float(w1[k].abs().max()), msg=k)
-    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final") is not None
+
+
+def test_two_processes_log_the_losses_of_one_process_with_the_same_global_batch(one_process, tmp_path):
+    """DDP on 2 CPU processes with gradient_accumulation_steps 1 against 1 process with 2: every
+    step trains the same pairs, so the logged train and eval losses match, and the final weights
+    match up to float rounding."""
+    from transformers import AutoModelForCausalLM
+
+    launch_two("-m", "prefixpo.cli", "train", "--config", str(two_process_config(tmp_path)))
+    two = records(tmp_path / "run")  # one writer: no duplicated lines
+    assert [(r["split"], r["step"]) for r in two] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert_same_losses(records(one_process), two)
+    assert_close_weights(one_process / "final", tmp_path / "run" / "final")
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
+
+
+def test_fsdp2_on_two_processes_matches_one_and_resumes_from_sharded_state(one_process, tmp_path):
+    """The trainer's FSDP2 path on 2 CPU ranks (tests/fsdp_cpu.py turns accelerate's FSDP2 state
+    on, which accelerate offers on GPUs only): the losses of one process with the same global
+    batch; checkpoints with the gathered model (tied alias dropped) and per-rank optimizer shards;
+    a run resumed from checkpoint-2 logs the uninterrupted run's later losses and ends with its
+    weights."""
+    harness = str(Path(__file__).with_name("fsdp_cpu.py"))
+    config = two_process_config(tmp_path)
+    launch_two(harness, "train", "--config", str(config))
+    run = tmp_path / "run"
+    whole = records(run)
+    assert_same_losses(records(one_process), whole)
+    assert_close_weights(one_process / "final", run / "final")
+    checkpoint = run / "checkpoint-2"
+    assert sorted(p.name for p in (checkpoint / "sharded").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "rng-0.pt", "rng-1.pt"]
+    assert "optimizer" not in torch.load(checkpoint / "training_state.pt", weights_only=True)
+    launch_two(harness, "train", "--config", str(config), "--output_dir", str(tmp_path / "resumed"),
+               "--resume_from_checkpoint", str(checkpoint))
+    resumed = records(tmp_path / "resumed")
+    assert [(r["split"], r["step"]) for r in resumed] == [("train", 3), ("train", 4), ("eval", 4)]
+    later = [r for r in whole if r["step"] > 2]
+    drop = {"pairs_per_s", "tokens_per_s", "step_time_s", "slowest_rank_idle"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in later]
+    assert_close_weights(run / "final", tmp_path / "resumed" / "final")

@@ -107,6 +107,7 @@ def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    directory.mkdir(parents=True, exist_ok=True)
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory))
     torch.save(rng_state(), directory / f"rng-{dist.get_rank()}.pt")
 

@@ -41,6 +41,22 @@ def tied_embeddings(model: nn.Module) -> bool:
     return head is not None and embed is not None and head.weight is embed.weight
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (a tied output layer's weight).
+
+    ``save_pretrained`` drops them when the weights share storage, but a state dict gathered
+    from FSDP shards holds separate copies, so the caller drops them by name.
+
+    >>> from torch import nn
+    >>> m = nn.ModuleDict({"embed": nn.Embedding(4, 2), "head": nn.Linear(2, 4, bias=False)})
+    >>> m.head.weight = m.embed.weight
+    >>> tied_aliases(m)
+    {'head.weight'}
+    """
+    kept = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept
+
+
 def apply_fsdp_hints(policy: ScoredLM) -> ScoredLM:
     """Give the ``ScoredLM`` wrapper the attributes accelerate's FSDP2 ``prepare`` reads from a
     transformers model: ``_no_split_modules`` (else no layer is sharded on its own and the whole

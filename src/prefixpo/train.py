@@ -333,7 +333,13 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         start_checkpoint,
     )
     from prefixpo.checkpoint import set_rng_state as restore_rng
-    from prefixpo.distributed import apply_fsdp_hints, reference_for_step, synchronize, tied_embeddings
+    from prefixpo.distributed import (
+        apply_fsdp_hints,
+        reference_for_step,
+        synchronize,
+        tied_aliases,
+        tied_embeddings,
+    )
     from prefixpo.logprobs import ScoredLM
     from prefixpo.losses import get_loss
     from prefixpo.modeling import apply_prefix_attention, build_attention_masks
@@ -390,7 +396,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     pair_config = PairConfig(cfg.pair_strategy, cfg.pair_min_gap)
 
     policy = ScoredLM(model)
-    tied = tied_embeddings(model)
+    tied, aliases = tied_embeddings(model), tied_aliases(model)
     if fsdp:
         apply_fsdp_hints(policy)
     if cfg.torch_compile:
@@ -439,8 +445,10 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         print(f"packing: {stats.as_dict()}", file=sys.stderr)
 
     def full_weights() -> dict[str, torch.Tensor]:
-        """The transformers model's full state dict; every rank calls it (FSDP gathers shards)."""
-        return {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(policy).items()}
+        """The transformers model's full state dict, without tied aliases; every rank calls it
+        (FSDP gathers the shards, to the main process)."""
+        weights = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(policy).items()}
+        return {k: v for k, v in weights.items() if k not in aliases}
 
     def save(at_step: int) -> Path:
         """Every rank calls it. The main process writes the whole model; under FSDP every rank also
