@@ -24,9 +24,10 @@ PROFILES=${PREFIXPO_BENCH_PROFILES:-.carry/bench_profiles.json}
 MODEL=${MODEL:-/tmp/llama-1b}
 WORK=${WORK:-/tmp/multi}
 PY=${PY:-python3}
-# how the 2-rank runs start (a CPU dry run replaces it with torchrun, see docs/training.md)
+# how the 2-rank runs start (a CPU dry run: torchrun and tests/fsdp_cpu.py, see docs/training.md)
 LAUNCH=${LAUNCH:-$PY -m accelerate.commands.launch --config_file examples/accelerate/fsdp2.yaml --num_processes 2}
 PORT_FLAG=${PORT_FLAG:---main_process_port}
+ENTRY=${ENTRY:--m prefixpo.cli}  # what LAUNCH starts (a CPU dry run: tests/fsdp_cpu.py)
 ONE_GPU=${ONE_GPU:-CUDA_VISIBLE_DEVICES=0}
 EXTRA=${EXTRA:-}                 # further trainer overrides (a CPU dry run: tiny model, sdpa, no bf16)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off
@@ -93,11 +94,11 @@ COMMON=(--model_name_or_path "$MODEL" --tokenizer_name_or_path examples/quicksta
 part one 160 env $ONE_GPU $PY -m prefixpo.cli train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
     --max_steps "$STEPS" --output_dir "$WORK/one"
 # shellcheck disable=SC2086
-part multi 190 $LAUNCH $PORT_FLAG 29531 -m prefixpo.cli train "${COMMON[@]}" \
+part multi 190 $LAUNCH $PORT_FLAG 29531 $ENTRY train "${COMMON[@]}" \
     --gradient_accumulation_steps $(( GA / 2 )) --max_steps "$STEPS" --save_steps "$SAVE" --output_dir "$WORK/multi"
 ls -la "$WORK/multi/checkpoint-$SAVE" "$WORK/multi/checkpoint-$SAVE/sharded" > "$OUT/checkpoint-listing.txt" 2>&1
 # shellcheck disable=SC2086
-part resume 130 $LAUNCH $PORT_FLAG 29532 -m prefixpo.cli train "${COMMON[@]}" \
+part resume 130 $LAUNCH $PORT_FLAG 29532 $ENTRY train "${COMMON[@]}" \
     --gradient_accumulation_steps $(( GA / 2 )) --max_steps $(( SAVE + RESUME_STEPS )) --save_steps null \
     --resume_from_checkpoint "$WORK/multi/checkpoint-$SAVE" --output_dir "$WORK/resume"
 part load 80 $PY scripts/multi_gpu_summary.py load "$WORK/multi/final" "$WORK/multi/checkpoint-$SAVE" \
