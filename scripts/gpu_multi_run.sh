@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One GPU against FSDP2 on two, the same global batch (docs/training.md "Several GPUs"), in one
+# One GPU against two with FSDP2, the same global batch (docs/training.md "Several GPUs"), in one
 # device call of under 9 minutes, on the 2-GPU machine (nvidia-h200-x2):
-#   1. the llama-1b config of bench_profiles.json (random weights, tied embeddings) in /tmp/llama-1b
-#   2. one:    1 GPU, DPO (sigmoid) with prefix sharing, packing (8192), bf16, FlexAttention, eager
-#              model, a frozen reference; 1 packed row per micro-batch x 4 accumulation steps
-#   3. multi:  accelerate launch with examples/accelerate/fsdp2.yaml on 2 GPUs, 2 accumulation
-#              steps: the same 4 rows per optimizer step; a checkpoint at step SAVE
-#   4. resume: from that checkpoint, RESUME_STEPS steps, in another directory
-#   5. load:   the multi run's final model and its checkpoint with plain from_pretrained, a forward
+#   0. the llama-1b config of bench_profiles.json (random weights, tied embeddings) in /tmp/llama-1b
+#   1. one:    FSDP2 on 1 GPU (the same mixed precision recipe: fp32 master weights, bf16 compute),
+#              DPO (sigmoid) with prefix sharing, packing (8192), bf16, FlexAttention, eager model,
+#              a frozen reference; 1 packed row per micro-batch x 4 accumulation steps
+#   2. multi:  FSDP2 on 2 GPUs (examples/accelerate/fsdp2.yaml), 2 accumulation steps: the same
+#              4 rows per optimizer step; a sharded checkpoint at step SAVE
+#   3. resume: from that checkpoint, RESUME_STEPS steps, in another directory
+#   4. load:   the multi run's final model and its checkpoint with plain from_pretrained, a forward
+#   5. plain:  1 GPU without FSDP (bf16 weights, the single-GPU default), a few steps: throughput only
 #   6. summary (scripts/multi_gpu_summary.py): pairs/s and scaling, loss differences per step,
 #              rank imbalance, loss_curves.png and multi_gpu_summary.json
 # Every part runs under `timeout` (within BUDGET seconds in all) and prints its exit code; a failed
@@ -19,12 +21,13 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 OUT=${OUT:-multi-out}
 BUDGET=${BUDGET:-500}            # seconds for parts 0-5; the summary gets its own 40
-STEPS=${STEPS:-40} SAVE=${SAVE:-25} RESUME_STEPS=${RESUME_STEPS:-4} GA=${GA:-4}
+STEPS=${STEPS:-40} SAVE=${SAVE:-20} RESUME_STEPS=${RESUME_STEPS:-4} GA=${GA:-4} PLAIN_STEPS=${PLAIN_STEPS:-15}
 PROFILES=${PREFIXPO_BENCH_PROFILES:-.carry/bench_profiles.json}
 MODEL=${MODEL:-/tmp/llama-1b}
 WORK=${WORK:-/tmp/multi}
 PY=${PY:-python3}
-# how the 2-rank runs start (a CPU dry run: torchrun and tests/fsdp_cpu.py, see docs/training.md)
+# how the FSDP runs start, on 1 and 2 GPUs (a CPU dry run: torchrun and tests/fsdp_cpu.py, docs/training.md)
+LAUNCH1=${LAUNCH1:-$PY -m accelerate.commands.launch --config_file examples/accelerate/fsdp2.yaml --num_processes 1}
 LAUNCH=${LAUNCH:-$PY -m accelerate.commands.launch --config_file examples/accelerate/fsdp2.yaml --num_processes 2}
 PORT_FLAG=${PORT_FLAG:---main_process_port}
 ENTRY=${ENTRY:--m prefixpo.cli}  # what LAUNCH starts (a CPU dry run: tests/fsdp_cpu.py)
@@ -91,7 +94,7 @@ COMMON=(--model_name_or_path "$MODEL" --tokenizer_name_or_path examples/quicksta
     --packing true --packing_capacity 8192 --bf16 true --attention_backend flex --torch_compile false
     --logging_steps 1 --disable_progress_bar true "${EXTRA_ARGS[@]}")
 # shellcheck disable=SC2086
-part one 160 env $ONE_GPU $PY -m prefixpo.cli train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
+part one 160 env $ONE_GPU $LAUNCH1 $PORT_FLAG 29530 $ENTRY train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
     --max_steps "$STEPS" --output_dir "$WORK/one"
 # shellcheck disable=SC2086
 part multi 190 $LAUNCH $PORT_FLAG 29531 $ENTRY train "${COMMON[@]}" \
@@ -103,11 +106,14 @@ part resume 130 $LAUNCH $PORT_FLAG 29532 $ENTRY train "${COMMON[@]}" \
     --resume_from_checkpoint "$WORK/multi/checkpoint-$SAVE" --output_dir "$WORK/resume"
 part load 80 $PY scripts/multi_gpu_summary.py load "$WORK/multi/final" "$WORK/multi/checkpoint-$SAVE" \
     --out "$OUT/from_pretrained.json"
+# shellcheck disable=SC2086
+part plain 100 env $ONE_GPU $PY -m prefixpo.cli train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
+    --max_steps "$PLAIN_STEPS" --output_dir "$WORK/plain"
 
 BUDGET=$(( BUDGET + 40 ))
 part summary 40 $PY scripts/multi_gpu_summary.py summary --one "$WORK/one" --multi "$WORK/multi" \
-    --resume "$WORK/resume" --loaded "$OUT/from_pretrained.json" --out "$OUT"
-for run in one multi resume; do
+    --resume "$WORK/resume" --plain "$WORK/plain" --loaded "$OUT/from_pretrained.json" --out "$OUT"
+for run in one multi resume plain; do
     cp "$WORK/$run/metrics.jsonl" "$OUT/$run-metrics.jsonl" 2>/dev/null
 done
 find "$OUT" -type f -size +20M -delete  # nothing big comes back

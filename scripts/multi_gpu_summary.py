@@ -1,12 +1,13 @@
-"""The results of scripts/gpu_multi_run.sh: one GPU against FSDP2 on two with the same global batch.
+"""The results of scripts/gpu_multi_run.sh: FSDP2 on one GPU against two, the same global batch.
 
     python scripts/multi_gpu_summary.py load DIR [DIR ...] --out from_pretrained.json
-    python scripts/multi_gpu_summary.py summary --one RUN --multi RUN --resume RUN --out OUT_DIR [--skip 5]
+    python scripts/multi_gpu_summary.py summary --one RUN --multi RUN --resume RUN [--plain RUN] --out OUT_DIR
 
 ``load``: each DIR with plain ``AutoModelForCausalLM.from_pretrained`` and one forward pass.
 ``summary``: from the runs' metrics.jsonl (one line per step): steady-state pairs/s of each run
 (steps after ``--skip``, pairs over wall time), the scaling ratio, the per-step loss differences
-(multi vs one, and resumed vs multi at the resumed steps), the ranks' imbalance; writes
+(multi vs one, and resumed vs multi at the resumed steps), the ranks' imbalance, and the
+throughput of a plain one-GPU run (no FSDP) when given; writes
 multi_gpu_summary.json and loss_curves.png into OUT_DIR and prints the summary as one JSON line.
 """
 
@@ -82,7 +83,7 @@ def plot(one: dict, multi: dict, resume: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    for records, label, style in ((one, "1 GPU", "-"), (multi, "FSDP2, 2 GPUs", "--")):
+    for records, label, style in ((one, "FSDP2, 1 GPU", "-"), (multi, "FSDP2, 2 GPUs", "--")):
         steps = sorted(records)
         top.plot(steps, [records[s]["loss"] for s in steps], style, label=label)
     if resume:
@@ -100,14 +101,19 @@ def plot(one: dict, multi: dict, resume: dict, path: Path) -> None:
 
 
 def summary(one_dir: Path, multi_dir: Path, resume_dir: Path, out: Path, skip: int,
-            loaded: Path | None) -> dict[str, Any]:
+            loaded: Path | None, plain_dir: Path | None = None) -> dict[str, Any]:
     one, multi, resume = train_records(one_dir), train_records(multi_dir), train_records(resume_dir)
-    result: dict[str, Any] = {"steps_logged": {"one": len(one), "multi": len(multi), "resume": len(resume)}}
-    speed_one, speed_multi = throughput(one, skip), throughput(multi, skip)
-    result["throughput"] = {"one_gpu": speed_one, "fsdp_2_gpus": speed_multi, "skipped_steps": skip}
-    if speed_one and speed_multi:
-        ratio = speed_multi["pairs_per_s"] / speed_one["pairs_per_s"]
-        result["scaling"] = {"pairs_per_s_ratio": ratio, "target": SCALING_TARGET, "met": ratio >= SCALING_TARGET}
+    plain = train_records(plain_dir) if plain_dir is not None else {}
+    result: dict[str, Any] = {"steps_logged": {"one": len(one), "multi": len(multi), "resume": len(resume),
+                                               "plain": len(plain)}}
+    speeds = {"fsdp_1_gpu": throughput(one, skip), "fsdp_2_gpus": throughput(multi, skip),
+              "plain_1_gpu": throughput(plain, skip)}
+    result["throughput"] = {**speeds, "skipped_steps": skip}
+    result["scaling"] = {"target": SCALING_TARGET}
+    for base in ("fsdp_1_gpu", "plain_1_gpu"):
+        if speeds[base] and speeds["fsdp_2_gpus"]:
+            ratio = speeds["fsdp_2_gpus"]["pairs_per_s"] / speeds[base]["pairs_per_s"]
+            result["scaling"][f"over_{base}"] = {"pairs_per_s_ratio": ratio, "met": ratio >= SCALING_TARGET}
     result["loss_one_vs_multi"] = loss_differences(one, multi)
     resumed = loss_differences(multi, resume)
     resumed["tolerance"], resumed["met"] = RESUME_TOLERANCE, bool(resumed["steps"]) and \
@@ -141,6 +147,7 @@ def main() -> None:
     summ = sub.add_parser("summary")
     for name in ("--one", "--multi", "--resume", "--out"):
         summ.add_argument(name, required=True)
+    summ.add_argument("--plain", default=None, help="a plain one-GPU run (no FSDP), for its throughput")
     summ.add_argument("--skip", type=int, default=5)
     summ.add_argument("--loaded", default=None, help="the JSON written by `load`")
     args = parser.parse_args()
@@ -152,7 +159,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         result = summary(Path(args.one), Path(args.multi), Path(args.resume), out, args.skip,
-                         Path(args.loaded) if args.loaded else None)
+                         Path(args.loaded) if args.loaded else None, Path(args.plain) if args.plain else None)
         brief = {k: v for k, v in result.items() if k not in ("loss_one_vs_multi", "loss_resumed_vs_multi")}
         for key in ("loss_one_vs_multi", "loss_resumed_vs_multi"):
             brief[key] = {k: v for k, v in result[key].items() if k not in ("abs_diff", "steps")}

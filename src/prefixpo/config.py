@@ -72,7 +72,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     bf16: bool = False
-    fp32_master_weights: bool = True  # with bf16: trainable weights and optimizer state in fp32
+    # with bf16 on one GPU or DDP: trainable weights and optimizer state in fp32, compute under autocast
+    # (FSDP2 always does this); false holds them in bf16
+    fp32_master_weights: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     # preference loss

@@ -89,7 +89,8 @@ def load_model(name_or_path: str, cfg: TrainConfig, seed: int, dtype: torch.dtyp
 
 def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
     """fp32 master weights: trainable parameters in fp32 (bf16 compute comes from autocast, or
-    from FSDP2's mixed precision policy, which does the same upcast itself)."""
+    from FSDP2's mixed precision policy, which does the same upcast itself). Loaded in bf16 first,
+    so random weights are those of the bf16 reference."""
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
