@@ -39,9 +39,15 @@ mkdir -p "$OUT"
 rm -rf "$WORK" && mkdir -p "$WORK"
 : > "$OUT/parts.txt"
 
+PARTS=${PARTS:-one multi resume load plain}  # which of the parts below to run
+
 part() {  # part NAME SECONDS COMMAND...: at most SECONDS (and what is left of BUDGET); log in $OUT/NAME.log
     local name=$1 limit=$2 left
     shift 2
+    if [ "$name" != summary ] && [[ " $PARTS " != *" $name "* ]]; then
+        echo "part $name: not in PARTS" | tee -a "$OUT/parts.txt"
+        return
+    fi
     left=$(( BUDGET - ($(date +%s) - START) ))
     if (( left < limit )); then limit=$left; fi
     if (( limit < 15 )); then
@@ -78,6 +84,17 @@ cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], bos_token_id=
 json.dump(cfg, open(sys.argv[2] + "/config.json", "w"))
 PY
 fi
+# real weights on disk (random, seed 0), as users have them: policy and reference then load the same
+# tensors; two random initialisations from a config can differ between launchers and devices
+if ! ls "$MODEL"/*.safetensors > /dev/null 2>&1; then
+    timeout 120 $PY -c "
+import sys, torch, transformers
+torch.manual_seed(0)
+cfg = transformers.AutoConfig.from_pretrained(sys.argv[1])
+transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(sys.argv[1])
+" "$MODEL"
+    echo "part weights: exit $?" | tee -a "$OUT/parts.txt"
+fi
 TRAIN=${TRAIN:-.carry/capybara}
 if [ ! -d "$TRAIN" ] && [ ! -f "$TRAIN" ]; then
     TRAIN=$WORK/capybara.jsonl
@@ -91,20 +108,23 @@ COMMON=(--model_name_or_path "$MODEL" --tokenizer_name_or_path examples/quicksta
     --dataset "$TRAIN" --data "{use_cache: false}" --max_length 2842 --seed 0
     --loss_type sigmoid --beta 0.1 --reference_mode model --learning_rate 1e-5
     --lr_scheduler_type constant_with_warmup --warmup_steps 5 --per_device_train_batch_size 1
-    --packing true --packing_capacity 8192 --bf16 true --attention_backend flex --torch_compile false
+    --packing true --packing_capacity 8192 --packing_num_buckets "${BUCKETS:-4}" --bf16 true --attention_backend flex --torch_compile false
     --logging_steps 1 --disable_progress_bar true "${EXTRA_ARGS[@]}")
 # shellcheck disable=SC2086
-part one 160 env $ONE_GPU $LAUNCH1 $PORT_FLAG 29530 $ENTRY train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
+part one ${ONE_LIMIT:-160} env $ONE_GPU $LAUNCH1 $PORT_FLAG 29530 $ENTRY train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
     --max_steps "$STEPS" --output_dir "$WORK/one"
 # shellcheck disable=SC2086
-part multi 190 $LAUNCH $PORT_FLAG 29531 $ENTRY train "${COMMON[@]}" \
+part multi ${MULTI_LIMIT:-190} $LAUNCH $PORT_FLAG 29531 $ENTRY train "${COMMON[@]}" \
     --gradient_accumulation_steps $(( GA / 2 )) --max_steps "$STEPS" --save_steps "$SAVE" --output_dir "$WORK/multi"
 ls -la "$WORK/multi/checkpoint-$SAVE" "$WORK/multi/checkpoint-$SAVE/sharded" > "$OUT/checkpoint-listing.txt" 2>&1
 # shellcheck disable=SC2086
 part resume 130 $LAUNCH $PORT_FLAG 29532 $ENTRY train "${COMMON[@]}" \
     --gradient_accumulation_steps $(( GA / 2 )) --max_steps $(( SAVE + RESUME_STEPS )) --save_steps null \
     --resume_from_checkpoint "$WORK/multi/checkpoint-$SAVE" --output_dir "$WORK/resume"
-part load 80 $PY scripts/multi_gpu_summary.py load "$WORK/multi/final" "$WORK/multi/checkpoint-$SAVE" \
+CHECKPOINT=$WORK/multi/checkpoint-$SAVE
+[ -d "$CHECKPOINT" ] || CHECKPOINT=  # not saved (SAVE beyond STEPS)
+# shellcheck disable=SC2086
+part load 80 $PY scripts/multi_gpu_summary.py load "$WORK/multi/final" $CHECKPOINT \
     --out "$OUT/from_pretrained.json"
 # shellcheck disable=SC2086
 part plain 100 env $ONE_GPU $PY -m prefixpo.cli train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \

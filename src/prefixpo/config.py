@@ -98,6 +98,7 @@ class TrainConfig:
     prefix_sharing: bool = True
     packing: bool = False
     packing_capacity: int = 8192
+    packing_num_buckets: int = 4  # row lengths: capacity * k / n, k = 1..n (each a compiled shape)
     attention_backend: str = "auto"
     logps_chunk_size: int = 1024
     # output, logging, evaluation
@@ -143,6 +144,8 @@ class TrainConfig:
             raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise bad("num_train_epochs", "must be > 0 unless max_steps is set")
+        if self.packing_num_buckets < 1:
+            raise bad("packing_num_buckets", f"must be at least 1, got {self.packing_num_buckets}")
         if self.packing and (self.packing_capacity < 128 or self.packing_capacity % 128):
             raise bad("packing_capacity", f"must be a positive multiple of 128, got {self.packing_capacity}")
         if self.packing and self.packing_capacity < self.max_length:

@@ -119,7 +119,7 @@ def make_batch(groups: list[Group], rows: list[list[int]], cfg: TrainConfig, dev
     layouts = [[layout_group(groups[i], cfg.prefix_sharing) for i in row] for row in rows]
     used = max((sum(len(lay) for lay in row) for row in layouts), default=0)
     if cfg.packing:
-        length = row_length(max(used, 1), bucket_lengths(cfg.packing_capacity, 4))
+        length = row_length(max(used, 1), bucket_lengths(cfg.packing_capacity, cfg.packing_num_buckets))
     else:
         length = round_up(max(used, 1), 128 if device.type == "cuda" else 8)
     return build_batch(layouts, row_length=length, group_ids=rows).to(device)
@@ -130,7 +130,7 @@ def group_lengths(groups: list[Group], cfg: TrainConfig) -> list[int]:
 
 
 def epoch_plan(groups, cfg: TrainConfig, epoch: int, world: int, rank: int, train: bool = True):
-    packing = PackingConfig(capacity=cfg.packing_capacity) if cfg.packing else None
+    packing = PackingConfig(capacity=cfg.packing_capacity, num_buckets=cfg.packing_num_buckets) if cfg.packing else None
     per_micro = cfg.per_device_train_batch_size if train else cfg.per_device_eval_batch_size
     return plan_epoch(group_lengths(groups, cfg), seed=cfg.seed, epoch=epoch if train else 0, packing=packing,
                       rows_per_micro_batch=per_micro,
