@@ -356,3 +356,32 @@ def test_fsdp2_on_two_processes_matches_one_and_resumes_from_sharded_state(one_p
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in drop} for r in later]
     assert_close_weights(run / "final", tmp_path / "resumed" / "final")
+
+
+def test_policy_and_reference_that_disagree_at_step_one_stop_the_run(tmp_path, monkeypatch):
+    """A reference that computes something else than the policy (here: its log-probs shifted by
+    20 nats per response, as a broken attention or sharding path would) stops the run at step 1
+    with a message; the unchanged run of the other tests passes the same check."""
+    import prefixpo.train
+    from prefixpo.logprobs import ResponseLogps
+
+    real = prefixpo.train.build_reference
+
+    def shifted(*args, **kwargs):
+        train_ref, eval_ref, mode = real(*args, **kwargs)
+
+        def broken(batch, masks):
+            out = train_ref(batch, masks)
+            return ResponseLogps(out.sums - 20.0, out.means, out.counts, out.token_logps)
+
+        return broken, eval_ref, mode
+
+    monkeypatch.setattr(prefixpo.train, "build_reference", shifted)
+    with pytest.raises(prefixpo.train.TrainingError, match="disagree by"):
+        prefixpo.train.train_stage(stage_config(write_config(tmp_path, max_steps=2)))
+
+
+def stage_config(path: Path):
+    from prefixpo.config import load_stages
+
+    return load_stages(str(path))[0]

@@ -313,6 +313,42 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
     return fns[0], fns[1], mode
 
 
+START_AGREEMENT = 0.05  # bf16 rounding moves summed log-probs by ~1e-4 of their size; a broken path by far more
+
+
+def reference_disagreement(metric_sums: dict[str, float], beta: float) -> float | None:
+    """How far apart policy and reference log-probs are, relative to their size, from a step's
+    metric sums: ``sum |rewards| / beta / sum |logps|`` over chosen and rejected (rewards are
+    ``beta (policy - reference)``). None when the loss reports no such metrics.
+
+    >>> reference_disagreement({"rewards/chosen": 0.5, "rewards/rejected": -0.5,
+    ...                         "logps/chosen": -60.0, "logps/rejected": -40.0}, beta=0.1)
+    0.1
+    """
+    keys = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+    if not all(k in metric_sums for k in keys) or beta <= 0:
+        return None
+    size = abs(metric_sums["logps/chosen"]) + abs(metric_sums["logps/rejected"])
+    gap = (abs(metric_sums["rewards/chosen"]) + abs(metric_sums["rewards/rejected"])) / beta
+    return gap / size if size > 0 else None
+
+
+def check_start_agreement(metrics: dict[str, float], beta: float, accelerator) -> None:
+    """Stop a run whose policy and reference, loaded from the same weights, already disagree at step 1:
+    the attention, sharding or precision path differs between the two, and training would optimise
+    that difference instead of the preference loss."""
+    keys = sorted(metrics)
+    sums = accelerator.reduce(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                                           device=accelerator.device), "sum").tolist()
+    gap = reference_disagreement(dict(zip(keys, sums)), beta)
+    if gap is not None and gap > START_AGREEMENT:
+        raise TrainingError(
+            f"at step 1 the policy and the reference model, loaded from the same weights, disagree by "
+            f"{100 * gap:.1f}% of their summed log-probs (rounding gives ~0.01%): the two models do not run the "
+            "same computation. Check that both use the same attention_backend and dtype; run `prefixpo verify` "
+            "for the model; under FSDP, compare with a single-process run.")
+
+
 def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     """Train one stage; returns the final metrics. The final model is written to OUTPUT_DIR/final."""
     from accelerate import Accelerator
@@ -416,8 +452,12 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     if tied and not tied_embeddings(accelerator.unwrap_model(policy)):
         raise TrainingError("the model's tied input and output embeddings became two parameters when the model "
                             "was prepared; set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
+    # a fresh run whose policy and reference start from the same weights: their log-probs must agree at step 1
+    checks_start_agreement = (cfg.stage == "preference" and checkpoint is None
+                              and cfg.ref_model_name_or_path in (None, cfg.model_name_or_path))
     train_ref, eval_ref, ref_mode = build_reference(cfg, policy, train_groups, eval_groups, accelerator,
                                                     sharded=fsdp)
+    checks_start_agreement = checks_start_agreement and ref_mode != "none"
 
     step = 0
     metrics_path = out / "metrics.jsonl"
@@ -540,6 +580,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                     f"the loss is {loss} at step {step + 1}; stopping without saving. The last good checkpoint "
                     f"is {last_saved or 'none (no checkpoint was saved yet)'}. Lower learning_rate, or check the "
                     "data and bf16 settings.")
+            if step == 0 and checks_start_agreement:
+                check_start_agreement(result.metrics, cfg.beta, accelerator)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
