@@ -115,14 +115,17 @@ def apply_lora(model, cfg: TrainConfig, resume_from: Path | None = None):
 
 # --- batches ------------------------------------------------------------------------------------
 
-def make_batch(groups: list[Group], rows: list[list[int]], cfg: TrainConfig, device: torch.device) -> Batch:
+def make_batch(groups: list[Group], rows: list[list[int]], cfg: TrainConfig, device: torch.device,
+               move: bool = True) -> Batch:
+    """The batch of ``rows`` (group indices per row), laid out for ``device``; on it when ``move``."""
     layouts = [[layout_group(groups[i], cfg.prefix_sharing) for i in row] for row in rows]
     used = max((sum(len(lay) for lay in row) for row in layouts), default=0)
     if cfg.packing:
         length = row_length(max(used, 1), bucket_lengths(cfg.packing_capacity, cfg.packing_num_buckets))
     else:
         length = round_up(max(used, 1), 128 if device.type == "cuda" else 8)
-    return build_batch(layouts, row_length=length, group_ids=rows).to(device)
+    batch = build_batch(layouts, row_length=length, group_ids=rows)
+    return batch.to(device) if move else batch
 
 
 def group_lengths(groups: list[Group], cfg: TrainConfig) -> list[int]:
@@ -381,7 +384,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     from prefixpo.losses import get_loss
     from prefixpo.modeling import apply_prefix_attention, build_attention_masks
     from prefixpo.pairs import PairConfig
-    from prefixpo.step import preference_step, sft_step
+    from prefixpo.step import batch_pair_indices, preference_step, sft_step
 
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
@@ -561,13 +564,16 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             synchronize(accelerator.device)
             started = time.perf_counter()
             rows = plans[epoch][index]
-            micro_batches = [make_batch(train_groups, r, cfg, accelerator.device) for r in rows]
+            on_host = [make_batch(train_groups, r, cfg, accelerator.device, move=False) for r in rows]
+            micro_batches = [mb.to(accelerator.device) for mb in on_host]
             if cfg.stage == "sft":
                 result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync)
             else:
+                # pairs from the host copies: finding them on the device would wait for the GPU
+                pairs = [batch_pair_indices(mb, pair_config) for mb in on_host]
                 reference = reference_for_step(train_ref, micro_batches, lambda mb: build_attention_masks(policy, mb))
                 result = preference_step(policy, micro_batches, loss_fn, reference, pair_config,
-                                         cfg.logps_chunk_size, no_sync=no_sync)
+                                         cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs)
             synchronize(accelerator.device)
             compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
             tokens = sum(lengths[i] for mb in rows for row in mb for i in row)
