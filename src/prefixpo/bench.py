@@ -323,9 +323,10 @@ def rank_idle(micro_batch_ms: Sequence[float], tokens: Sequence[int], ranks: int
     >>> rank_idle([3.0, 1.0, 2.0, 2.0], [30, 10, 20, 20], ranks=2, seed=0)
     0.0
     """
+    from prefixpo.distributed import idle_share
+
     dealt = split_rows_over_ranks([[i] for i in range(len(tokens))], list(tokens), ranks, seed)
-    per_rank = [sum(micro_batch_ms[i] for row in rows for i in row) for rows in dealt]
-    return 1 - sum(per_rank) / len(per_rank) / max(per_rank) if max(per_rank) > 0 else 0.0
+    return idle_share([sum(micro_batch_ms[i] for row in rows for i in row) for rows in dealt])
 
 
 # --- models and FLOPs -------------------------------------------------------------------------------

@@ -159,6 +159,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def idle_share(per_rank: Sequence[float]) -> float:
+    """``1 - mean / max`` of per-rank work: the share of the step the average rank waits for the
+    slowest (0 = balanced).
+
+    >>> idle_share([4.0, 1.0])
+    0.375
+    """
+    top = max(per_rank)
+    return 1.0 - sum(per_rank) / len(per_rank) / top if top > 0 else 0.0
+
+
 def rank_balance(tokens: Sequence[float], seconds: Sequence[float]) -> dict[str, float]:
     """How unequal the ranks' work was in one step: ``1 - mean / max`` over ranks of the real
     (non-padding) tokens, and of the compute time each rank spent before the optimizer step
@@ -167,8 +178,4 @@ def rank_balance(tokens: Sequence[float], seconds: Sequence[float]) -> dict[str,
     >>> rank_balance([100, 50], [2.0, 1.0])
     {'rank_token_imbalance': 0.25, 'slowest_rank_idle': 0.25}
     """
-    def idle(values: Sequence[float]) -> float:
-        top = max(values)
-        return 1.0 - sum(values) / len(values) / top if top > 0 else 0.0
-
-    return {"rank_token_imbalance": idle(tokens), "slowest_rank_idle": idle(seconds)}
+    return {"rank_token_imbalance": idle_share(tokens), "slowest_rank_idle": idle_share(seconds)}
