@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bisect-out}
 PY=${PY:-python3}
 MODEL=/tmp/llama-1b
-mkdir -p "$OUT" "$MODEL"
+mkdir -p "$OUT"
 if [ -d .whl ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:src
@@ -18,15 +18,7 @@ else
     export PYTHONPATH=src
 fi
 export PREFIXPO_CACHE=/tmp/prefixpo-cache TOKENIZERS_PARALLELISM=false
-$PY - .carry/bench_profiles.json "$MODEL" <<'PY'
-import json, sys, torch, transformers
-spec = json.load(open(sys.argv[1]))["models"]["llama-1b"]
-cfg = {k: v for k, v in spec.items() if k != "architecture"}
-cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
-config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-torch.manual_seed(0)
-transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(sys.argv[2])
-PY
+$PY scripts/make_bench_model.py --profiles .carry/bench_profiles.json --out "$MODEL" --weights
 COMMON=(train --model_name_or_path "$MODEL" --tokenizer_name_or_path examples/quickstart/tokenizer
     --stage preference --dataset .carry/capybara --data "{use_cache: false}" --max_length 2842 --seed 0
     --loss_type sigmoid --beta 0.1 --learning_rate 1e-5 --max_steps 2 --per_device_train_batch_size 1

@@ -74,25 +74,13 @@ fi
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+# real weights on disk (random, seed 0), as users have them: every process and both models load the
+# same tensors (a directory given in MODEL with its own config.json is used as it is)
 if [ ! -f "$MODEL/config.json" ]; then
-    mkdir -p "$MODEL"
-    $PY - "$PROFILES" "$MODEL" <<'PY'
-import json, sys
-spec = json.load(open(sys.argv[1]))["models"]["llama-1b"]
-cfg = {k: v for k, v in spec.items() if k != "architecture"}
-cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
-json.dump(cfg, open(sys.argv[2] + "/config.json", "w"))
-PY
-fi
-# real weights on disk (random, seed 0), as users have them: policy and reference then load the same
-# tensors; two random initialisations from a config can differ between launchers and devices
-if ! ls "$MODEL"/*.safetensors > /dev/null 2>&1; then
-    timeout 120 $PY -c "
-import sys, torch, transformers
-torch.manual_seed(0)
-cfg = transformers.AutoConfig.from_pretrained(sys.argv[1])
-transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(sys.argv[1])
-" "$MODEL"
+    timeout 120 $PY scripts/make_bench_model.py --profiles "$PROFILES" --out "$MODEL" --weights
+    echo "part weights: exit $?" | tee -a "$OUT/parts.txt"
+elif ! ls "$MODEL"/*.safetensors > /dev/null 2>&1; then
+    timeout 120 $PY scripts/make_bench_model.py --model "$MODEL" --out "$MODEL" --weights
     echo "part weights: exit $?" | tee -a "$OUT/parts.txt"
 fi
 TRAIN=${TRAIN:-.carry/capybara}

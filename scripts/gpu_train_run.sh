@@ -13,13 +13,7 @@ if [ -d .whl ]; then
 else
     export PYTHONPATH=src
 fi
-python - "$PROFILES" <<'PY'
-import json, sys
-spec = json.load(open(sys.argv[1]))["models"]["llama-1b"]
-cfg = {k: v for k, v in spec.items() if k != "architecture"}
-cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
-json.dump(cfg, open("/tmp/llama-1b/config.json", "w"))
-PY
+python scripts/make_bench_model.py --profiles "$PROFILES" --out /tmp/llama-1b
 # the data: save_to_disk directories made with scripts/make_synthetic_pairs.py (see docs/training.md),
 # or made here as JSONL
 TRAIN=.carry/capybara EVAL=.carry/capybara-eval

@@ -1,0 +1,46 @@
+"""A model directory of a bench_profiles.json model shape (default llama-1b), for the GPU runs:
+its config.json, and with ``--weights`` random bf16 weights (seed 0) saved beside it, so that every
+process and every model of a run loads the same tensors.
+
+    PYTHONPATH=src python scripts/make_bench_model.py --profiles .carry/bench_profiles.json --out /tmp/llama-1b --weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from prefixpo.bench import model_config
+from prefixpo.profiles import load_profiles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profiles", default=None)
+    parser.add_argument("--model", default="llama-1b",
+                        help="a model of the profiles file, or a directory holding a config.json")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--weights", action="store_true", help="also save random bf16 weights (seed 0)")
+    args = parser.parse_args()
+    if os.path.isdir(args.model):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model)
+    else:
+        profiles = load_profiles(args.profiles)
+        config = model_config(args.model, profiles)
+        config.architectures = [profiles["models"][args.model]["architecture"]]
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    if not args.weights:
+        config.save_pretrained(args.out)
+        return
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(args.out)
+
+
+if __name__ == "__main__":
+    main()
