@@ -3,7 +3,8 @@
 # (docs/benchmarks.md "Several GPUs": loss 137 instead of log 2). One GPU is enough: FSDP2 on 1 GPU
 # shows it. Each variant trains 1 step of llama-1b (random weights saved to disk) on capybara-length
 # data; the trainer stops at step 1 with "disagree by X%" when the two differ (train.check_start_agreement),
-# so each log's last lines tell which path is broken. Run from the repository root with .carry/ and
+# so each log's last lines tell which path is broken. First, scripts/gpu_fsdp_probe.py compares one
+# batch's log-probs through every model path (plain, sharded, accelerate-prepared; flex and sdpa; grad). Run from the repository root with .carry/ and
 # .whl/ carried: OUT=$OUT bash scripts/gpu_fsdp_bisect.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -33,6 +34,10 @@ variant() {  # NAME LAUNCHER... -- OPTIONS...
     grep -h -o "disagree by [0-9.]*%" "$OUT/$name.log" | head -1
     head -c 300 "/tmp/bisect/$name/metrics.jsonl" 2>/dev/null; echo
 }
+echo "== probe: one batch through each model path =="
+timeout 240 $PY -m torch.distributed.run --nproc_per_node 1 scripts/gpu_fsdp_probe.py --model "$MODEL" \
+    > "$OUT/probe.log" 2>&1
+echo "exit $?"; grep -E "^[a-z-]+ +\{" "$OUT/probe.log"; tail -3 "$OUT/probe.log" | cut -c1-400
 variant fsdp-flex "${FSDP[@]}" "${COMMON[@]}" --attention_backend flex
 variant fsdp-sdpa "${FSDP[@]}" "${COMMON[@]}" --attention_backend sdpa
 variant plain-flex-master "${PLAIN[@]}" "${COMMON[@]}" --attention_backend flex --fp32_master_weights true
