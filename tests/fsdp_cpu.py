@@ -26,7 +26,10 @@ def force_fsdp2() -> None:
 
     def init(self, *args, **kwargs):
         made(self, *args, **kwargs)
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(**options)
+        plugin = FullyShardedDataParallelPlugin(**options)
+        if self.state.mixed_precision != "no":  # as accelerate's state does for a launched FSDP run
+            plugin.set_mixed_precision(self.state.mixed_precision)
+        self.state.fsdp_plugin = plugin
         self.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 

@@ -92,3 +92,48 @@ def test_the_fsdp2_accelerate_config_launches_ranks_with_an_fsdp2_plugin(tmp_pat
     assert [(r["rank"], r["world"]) for r in seen] == [("0", "2"), ("1", "2")]
     assert all(r["version"] == 2 and r["reshard"] is True and r["wrap"] == "transformer_auto_wrap_policy"
                and r["state"] == "SHARDED_STATE_DICT" and r["ram_efficient"] is False for r in seen)
+
+
+def test_fsdp2_bf16_policy_keeps_scored_logprobs_and_gradient_reduction_in_fp32(tmp_path):
+    """accelerate's bf16 FSDP2 policy casts the wrapped module's outputs, the ScoredLM's token
+    log-probs, to bf16 and reduces gradients in bf16; ``keep_fp32_outputs`` keeps bf16 compute
+    and makes both fp32. Checked on the policy object and on a sharded ScoredLM in a world of 1,
+    whose log-probs are then those of the given policy before its bf16 cast."""
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from dist_worker import tiny_tied_llama
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from prefixpo.distributed import keep_fp32_outputs
+    from prefixpo.layout import Group, collate_groups
+    from prefixpo.logprobs import ScoredLM, compute_logps
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")  # what accelerate's state does for mixed_precision: bf16
+    given = plugin.mixed_precision_policy
+    assert (given.output_dtype, given.reduce_dtype) == (torch.bfloat16, torch.bfloat16)
+    keep_fp32_outputs(plugin)
+    kept = plugin.mixed_precision_policy
+    assert (kept.param_dtype, kept.reduce_dtype, kept.output_dtype) == (torch.bfloat16, torch.float32, None)
+
+    batch = collate_groups([Group([5, 6, 7], [[8, 9, 10, 11], [12, 13]])])
+    bf16 = tiny_tied_llama(seed=0).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = compute_logps(bf16, batch).token_logps
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        got = {}
+        for name, policy in (("given", given), ("kept", kept)):
+            scored = ScoredLM(tiny_tied_llama(seed=0))
+            for layer in scored.model.model.layers:
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(scored, mesh=mesh, mp_policy=policy)
+            got[name] = compute_logps(scored, batch).token_logps
+    finally:
+        dist.destroy_process_group()
+    kept_logps, given_logps = got["kept"].detach(), got["given"].detach()
+    assert torch.equal(given_logps, kept_logps.bfloat16().float())  # the same numbers, cast by the wrapper
+    assert not torch.equal(kept_logps, given_logps)
+    torch.testing.assert_close(kept_logps, expected, rtol=2e-2, atol=0)  # bf16 compute either way

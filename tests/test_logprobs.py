@@ -105,3 +105,18 @@ def test_never_allocates_full_logits():
     growth_mib = float(out.stdout.strip().splitlines()[-1])
     # weight.grad (32 MiB) plus a few [256 x 128k] fp32 chunk buffers (128 MiB each)
     assert growth_mib < 1024, f"peak memory grew by {growth_mib:.0f} MiB"
+
+
+def test_response_sums_of_bf16_token_logprobs_are_fp32():
+    """Token log-probs that arrive in bf16 (a wrapper's output cast) are summed in fp32: a bf16 sum
+    of -7-nat tokens stops growing at -4096 (the spacing there is 32)."""
+    from prefixpo.layout import Group, collate_groups
+    from prefixpo.logprobs import reduce_per_response
+
+    batch = collate_groups([Group([1], [[2] * 3000, [3] * 10])])
+    tokens = torch.full((3010,), -7.0, dtype=torch.bfloat16)
+    out = reduce_per_response(tokens, batch)
+    assert out.sums.dtype == torch.float32
+    assert out.sums.tolist() == [-21000.0, -70.0]  # exact: every partial sum is an fp32 integer
+    in_bf16 = torch.zeros(1, dtype=torch.bfloat16).index_add(0, torch.zeros(3000, dtype=torch.long), tokens[:3000])
+    assert in_bf16.item() > -4100  # what a bf16 accumulator gives

@@ -12,6 +12,8 @@ here is FSDP2 (``torch.distributed.fsdp.fully_shard``):
   ``ScoredLM`` root, so a rank holds 1/world of it instead of a full copy.
 - A sharded model's forward is a collective: every rank must run it the same number of times.
   ``reference_for_step`` runs the reference for every micro-batch, even one without pairs.
+- accelerate's bf16 policy casts the wrapped module's outputs to bf16 and reduces gradients in
+  bf16; ``keep_fp32_outputs`` keeps the scored log-probs and the gradient reduction in fp32.
 """
 
 from __future__ import annotations
@@ -69,6 +71,27 @@ def apply_fsdp_hints(policy: ScoredLM) -> ScoredLM:
     if hasattr(inner, "tie_weights"):
         policy.tie_weights = inner.tie_weights
     return policy
+
+
+def keep_fp32_outputs(plugin) -> None:
+    """Adjust accelerate's FSDP2 mixed precision policy (in place, before ``prepare``): bf16
+    compute stays, but forward outputs are not cast and gradients are reduced in fp32.
+
+    accelerate's ``bf16`` policy sets ``output_dtype`` and ``reduce_dtype`` to bf16. The policy's
+    output is the ``ScoredLM``'s fp32 token log-probs: in bf16 each keeps ~3 significant digits,
+    and summed per response in bf16 they stop growing at a few thousand nats (-7 + -4096 rounds
+    to -4096), so policy and reference, which is not cast, disagree from step 1. A bf16 gradient
+    reduction would also round the cross-rank mean of the loss (DESIGN.md section 4).
+    ``plugin``: the ``FullyShardedDataParallelPlugin`` (``accelerator.state.fsdp_plugin``).
+    """
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if policy is None or getattr(plugin, "fsdp_version", 1) != 2:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=None,
+        cast_forward_inputs=policy.cast_forward_inputs)
 
 
 @contextmanager

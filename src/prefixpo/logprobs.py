@@ -181,7 +181,8 @@ def reduce_per_response(token_logps: torch.Tensor, batch: Batch) -> ResponseLogp
     [-3.0, -0.5]
     """
     counts = batch.response_lengths.to(token_logps.device)
-    sums = torch.zeros(counts.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    token_logps = token_logps.float()  # sums of thousands of tokens need fp32, whatever the input
+    sums = torch.zeros(counts.shape[0], dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, batch.scored_response.to(token_logps.device), token_logps)
     return ResponseLogps(sums=sums, means=sums / counts, counts=counts, token_logps=token_logps)
 

@@ -375,6 +375,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     from prefixpo.checkpoint import set_rng_state as restore_rng
     from prefixpo.distributed import (
         apply_fsdp_hints,
+        keep_fp32_outputs,
         reference_for_step,
         synchronize,
         tied_aliases,
@@ -399,6 +400,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     if fsdp and not accelerator.is_fsdp2:
         raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
                           "(examples/accelerate/fsdp2.yaml)")
+    if fsdp:
+        keep_fp32_outputs(accelerator.state.fsdp_plugin)
     if cfg.torch_num_threads:
         torch.set_num_threads(cfg.torch_num_threads)
     set_seed(cfg.seed)
