@@ -521,7 +521,10 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             if main:
                 path = finish_checkpoint(out, at_step, state, cfg.save_total_limit)
         accelerator.wait_for_everyone()
-        window.started += time.perf_counter() - started  # throughput counts training time only
+        took = time.perf_counter() - started
+        window.started += took  # throughput counts training time only
+        if main:
+            print(f"saved {path} in {took:.1f}s", file=sys.stderr)
         return path or out / f"checkpoint-{at_step}"
 
     def log(record: dict[str, Any]) -> None:
