@@ -7,7 +7,7 @@
 #              a frozen reference; 1 packed row per micro-batch x 4 accumulation steps
 #   2. multi:  FSDP2 on 2 GPUs (examples/accelerate/fsdp2.yaml), 2 accumulation steps: the same
 #              4 rows per optimizer step; a sharded checkpoint at step SAVE
-#   3. resume: from that checkpoint, RESUME_STEPS steps, in another directory
+#   3. resume: from that checkpoint, RESUME_STEPS steps, in another directory; resume2: the same again
 #   4. load:   the multi run's final model and its checkpoint with plain from_pretrained, a forward
 #   5. plain:  1 GPU without FSDP (bf16 weights, the single-GPU default), a few steps: throughput only
 #   6. summary (scripts/multi_gpu_summary.py): pairs/s and scaling, loss differences per step,
@@ -39,7 +39,7 @@ mkdir -p "$OUT"
 rm -rf "$WORK" && mkdir -p "$WORK"
 : > "$OUT/parts.txt"
 
-PARTS=${PARTS:-one multi resume load plain}  # which of the parts below to run
+PARTS=${PARTS:-one multi resume resume2 load plain}  # which of the parts below to run
 
 part() {  # part NAME SECONDS COMMAND...: at most SECONDS (and what is left of BUDGET); log in $OUT/NAME.log
     local name=$1 limit=$2 left
@@ -109,6 +109,11 @@ ls -la "$WORK/multi/checkpoint-$SAVE" "$WORK/multi/checkpoint-$SAVE/sharded" > "
 part resume 130 $LAUNCH $PORT_FLAG 29532 $ENTRY train "${COMMON[@]}" \
     --gradient_accumulation_steps $(( GA / 2 )) --max_steps $(( SAVE + RESUME_STEPS )) --save_steps null \
     --resume_from_checkpoint "$WORK/multi/checkpoint-$SAVE" --output_dir "$WORK/resume"
+# the same resume again: how far two runs of the same state drift apart (GPU kernels are not deterministic)
+# shellcheck disable=SC2086
+part resume2 130 $LAUNCH $PORT_FLAG 29533 $ENTRY train "${COMMON[@]}" \
+    --gradient_accumulation_steps $(( GA / 2 )) --max_steps $(( SAVE + RESUME_STEPS )) --save_steps null \
+    --resume_from_checkpoint "$WORK/multi/checkpoint-$SAVE" --output_dir "$WORK/resume2"
 CHECKPOINT=$WORK/multi/checkpoint-$SAVE
 [ -d "$CHECKPOINT" ] || CHECKPOINT=  # not saved (SAVE beyond STEPS)
 # shellcheck disable=SC2086
@@ -120,9 +125,11 @@ part plain 100 env $ONE_GPU $PY -m prefixpo.cli train "${COMMON[@]}" --gradient_
 
 BUDGET=$(( BUDGET + 40 ))
 part summary 40 $PY scripts/multi_gpu_summary.py summary --one "$WORK/one" --multi "$WORK/multi" \
-    --resume "$WORK/resume" --plain "$WORK/plain" --loaded "$OUT/from_pretrained.json" --out "$OUT"
-for run in one multi resume plain; do
+    --resume "$WORK/resume" --resume2 "$WORK/resume2" --plain "$WORK/plain" --loaded "$OUT/from_pretrained.json" --out "$OUT"
+for run in one multi resume resume2 plain; do
     cp "$WORK/$run/metrics.jsonl" "$OUT/$run-metrics.jsonl" 2>/dev/null
 done
+# few files come back from the device: the logs and metrics in one archive
+(cd "$OUT" && tar czf runs.tgz --remove-files ./*.log ./*-metrics.jsonl parts.txt checkpoint-listing.txt 2>/dev/null)
 find "$OUT" -type f -size +20M -delete  # nothing big comes back
 echo "total $(( $(date +%s) - START ))s"

