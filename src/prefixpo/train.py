@@ -426,6 +426,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError("config key `load_in_4bit`: QLoRA is not supported under DeepSpeed; run it on one "
                               "GPU or with DDP (examples/accelerate/ddp.yaml)")
         configure(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)  # before the model loads
+        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps  # accelerate's own count, compared with it
     if fsdp and not accelerator.is_fsdp2:
         raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
                           "(examples/accelerate/fsdp2.yaml)")

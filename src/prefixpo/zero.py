@@ -81,7 +81,7 @@ def configure(config: dict, cfg: Any) -> None:
     """
     for key in ("optimizer", "scheduler"):
         if key in config:
-            raise ConfigError(f"the DeepSpeed config has a `{key}` section; remove it: prefixpo creates AdamW and "
+            raise ConfigError(f"the DeepSpeed config has its own `{key}`; remove it: prefixpo creates AdamW and "
                               "the learning-rate schedule from its own config (learning_rate, lr_scheduler_type, ...)")
     _fill(config, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "per_device_train_batch_size")
     _fill(config, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, "gradient_accumulation_steps")
