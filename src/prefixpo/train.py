@@ -298,7 +298,7 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
     source = cfg.ref_model_name_or_path or cfg.model_name_or_path
     # ZeRO-3 (zero3_init_flag) loads the model partitioned, for a frozen engine; a precomputed
     # reference runs without one, so it is loaded whole, as random weights are (see train_stage)
-    with every_rank_loads_weights(), whole_model_loading(mode == "precompute" or random_weights(source)):
+    with every_rank_loads_weights(), whole_model_loading(mode == "precomputed" or random_weights(source)):
         reference = load_model(source, cfg, cfg.seed).eval().requires_grad_(False)
     if not is_partitioned(reference):
         reference.to(accelerator.device)
