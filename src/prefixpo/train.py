@@ -362,7 +362,7 @@ def check_start_agreement(metrics: dict[str, float], beta: float, accelerator) -
             f"at step 1 the policy and the reference model, loaded from the same weights, disagree by "
             f"{100 * gap:.1f}% of their summed log-probs (rounding gives ~0.01%): the two models do not run the "
             "same computation. Check that both use the same attention_backend and dtype; run `prefixpo verify` "
-            "for the model; under FSDP, compare with a single-process run.")
+            "for the model; under FSDP or DeepSpeed, compare with a single-process run.")
 
 
 def train_stage(cfg: TrainConfig) -> dict[str, Any]:
@@ -426,7 +426,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError("config key `load_in_4bit`: QLoRA is not supported under DeepSpeed; run it on one "
                               "GPU or with DDP (examples/accelerate/ddp.yaml)")
         configure(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)  # before the model loads
-        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps  # accelerate's own count, compared with it
+        # accelerate's own count, which it compares with the DeepSpeed config's (and warns)
+        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     if fsdp and not accelerator.is_fsdp2:
         raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
                           "(examples/accelerate/fsdp2.yaml)")
@@ -597,8 +598,9 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     if deepspeed:  # the engine runs backward (not dividing by accumulation: the step scales the loss)
         backward, no_sync = engine_backward(policy), accumulation_boundary(policy)  # and marks the step's end
     if cfg.generate_during_eval and sharding != "none" and main:
-        print(f"note: generate_during_eval is skipped under {sharding} (generation needs the whole model on one "
-              "rank)", file=sys.stderr)
+        engine = "FSDP" if fsdp else "DeepSpeed"
+        print(f"note: generate_during_eval is skipped under {engine} (generation needs the whole model on one rank)",
+              file=sys.stderr)
     lengths = group_lengths(train_groups, cfg)
     bar = tqdm(total=total_steps, initial=step, disable=not main or cfg.disable_progress_bar,
                desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
