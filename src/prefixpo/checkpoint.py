@@ -15,6 +15,11 @@ once every rank has finished::
 
     start_checkpoint (main) -> barrier -> save_model (main) + save_sharded_state (all ranks)
         -> barrier -> finish_checkpoint (main: training_state.pt last, rename, prune) -> barrier
+
+Under DeepSpeed the same sequence writes the engine's own checkpoint (ZeRO partitions of the
+weights and optimizer state, one file pair per rank) into ``deepspeed/`` with
+``save_engine_state``; ``deepspeed/zero_to_fp32.py`` (which deepspeed copies there) turns it
+into fp32 weights. ``training_state.pt`` records which kind a checkpoint is (``sharding``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 
 STATE_FILE = "training_state.pt"
 SHARDED_DIR = "sharded"  # FSDP: the optimizer shards and per-rank RNG states
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed: the engine's checkpoint and per-rank RNG states
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -103,19 +109,17 @@ def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """Every rank: its shard of the optimizer state (``torch.distributed.checkpoint``) and its RNG
     state, into ``directory`` (the same path on every rank). ``model`` is the FSDP-sharded model
     the optimizer steps; the state is keyed by parameter names, so it reloads on another world size."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     directory.mkdir(parents=True, exist_ok=True)
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory))
-    torch.save(rng_state(), directory / f"rng-{dist.get_rank()}.pt")
+    save_rank_rng(directory)
 
 
 def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Every rank: load what ``save_sharded_state`` wrote into the (already sharded) optimizer, and
     this rank's RNG state (rank 0's when the checkpoint had fewer ranks)."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -125,8 +129,49 @@ def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=str(directory))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    load_rank_rng(directory)
+
+
+def save_rank_rng(directory: Path) -> None:
+    """Every rank: its RNG state, as ``directory/rng-RANK.pt``."""
+    import torch.distributed as dist
+
+    torch.save(rng_state(), directory / f"rng-{dist.get_rank()}.pt")
+
+
+def load_rank_rng(directory: Path) -> None:
+    """Every rank: its RNG state from ``save_rank_rng`` (rank 0's when the checkpoint had fewer ranks)."""
+    import torch.distributed as dist
+
     rng = directory / f"rng-{dist.get_rank()}.pt"
     set_rng_state(torch.load(rng if rng.is_file() else directory / "rng-0.pt", weights_only=True))
+
+
+def save_engine_state(engine: Any, directory: Path) -> None:
+    """Every rank: the DeepSpeed engine's checkpoint (its partitions of the weights and of the
+    optimizer state, and its step counters) and this rank's RNG state, into ``directory``."""
+    engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+    save_rank_rng(directory)
+
+
+def load_engine_state(engine: Any, directory: Path) -> None:
+    """Every rank: load what ``save_engine_state`` wrote into the prepared engine (weights,
+    optimizer state; the learning-rate schedule is prefixpo's own, in training_state.pt)."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory.parent} has no DeepSpeed state ({directory.name}/); it was not saved "
+                                "under DeepSpeed")
+    path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True,
+                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load its checkpoint from {directory}")
+    load_rank_rng(directory)
+
+
+def checkpoint_sharding(state: dict[str, Any]) -> str:
+    """How a checkpoint's optimizer state was saved: ``none`` (whole, in training_state.pt),
+    ``fsdp`` (``sharded/``) or ``deepspeed`` (``deepspeed/``). Checkpoints from before the
+    ``sharding`` key are told apart by their optimizer state."""
+    return state.get("sharding") or ("none" if "optimizer" in state else "fsdp")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

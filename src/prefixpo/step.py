@@ -6,6 +6,11 @@ sums them across ranks (N). Each micro-batch then backpropagates ``sum(its pair 
 where W is the world size, because data-parallel engines average gradients over ranks. The
 gradient is then that of ``mean over the step's N pairs``, whatever the packing, the micro-batch
 size, the accumulation or the number of ranks. SFT does the same over target tokens.
+
+The backward of each micro-batch goes through ``backward`` (default ``Tensor.backward``). An
+engine that runs backward itself passes its own, which must not scale the loss again: DeepSpeed's
+``engine.backward`` divides by its gradient accumulation steps unless told not to
+(``prefixpo.zero.engine_backward``).
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ReferenceFn = Callable[[Batch, object], ResponseLogps]
 # no_sync(is_last_micro_batch) -> context; data-parallel engines skip the gradient all-reduce inside
 SyncContext = Callable[[bool], AbstractContextManager]
+# backward(loss): backpropagates a micro-batch's share of the step loss as given, with no further scaling
+Backward = Callable[[torch.Tensor], object]
 
 
 def _no_sync_context(no_sync: SyncContext | None, index: int, count: int) -> AbstractContextManager:
@@ -126,14 +133,16 @@ def pair_losses(logps: ResponseLogps, reference: ResponseLogps | None, pairs: Ba
 def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn,
                     reference: ReferenceFn | None = None, pair_config: PairConfig | None = None,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None,
-                    pairs: Sequence[BatchPairs] | None = None, num_pairs: float | None = None) -> StepResult:
+                    pairs: Sequence[BatchPairs] | None = None, num_pairs: float | None = None,
+                    backward: Backward = torch.Tensor.backward) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (no optimizer update).
 
     The step queues its work without waiting for the device: pass ``pairs`` (``batch_pair_indices``
     of each micro-batch, computed while the batch was still on the host) to avoid the one device
     read that finding them on a device batch costs. ``num_pairs``: the step's pairs over all ranks
     and calls, when the caller knows it (a step split over several calls); otherwise the pairs of
-    ``micro_batches`` summed over ranks, one all-reduce in data-parallel runs."""
+    ``micro_batches`` summed over ranks, one all-reduce in data-parallel runs. ``backward``: run on
+    each micro-batch's scaled loss (an engine's own backward; see the module docstring)."""
     device = next(policy.parameters()).device
     if pairs is None:
         pairs = [batch_pair_indices(mb, pair_config) for mb in micro_batches]
@@ -150,21 +159,22 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
             masks = build_attention_masks(policy, mb)  # once, for the policy and the reference
             logps = compute_logps(policy, mb, masks, chunk_size)
             if pr.num_pairs == 0:  # an empty row: still run backward, so data-parallel ranks stay in step
-                (logps.token_logps.sum() * 0.0).backward()
+                backward(logps.token_logps.sum() * 0.0)
                 continue
             ref = reference(mb, masks) if reference is not None else None
             losses, metrics = pair_losses(logps, ref, pr, loss_fn)
             loss = losses.sum()
-            (loss * scale).backward()
+            backward(loss * scale)
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float().sum()
     return StepResult(loss_sum, total, metric_sums)
 
 
-def sft_step(policy: nn.Module, micro_batches: Sequence[Batch],
-             chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None) -> StepResult:
-    """SFT: the mean negative log-likelihood over all target tokens of the step."""
+def sft_step(policy: nn.Module, micro_batches: Sequence[Batch], chunk_size: int = DEFAULT_CHUNK_SIZE,
+             no_sync: SyncContext | None = None, backward: Backward = torch.Tensor.backward) -> StepResult:
+    """SFT: the mean negative log-likelihood over all target tokens of the step (``backward`` as in
+    ``preference_step``)."""
     device = next(policy.parameters()).device
     total = global_sum(sum(int(mb.scored_targets.numel()) for mb in micro_batches), device)
     if total == 0:
@@ -175,6 +185,6 @@ def sft_step(policy: nn.Module, micro_batches: Sequence[Batch],
         with _no_sync_context(no_sync, i, len(micro_batches)):
             logps = compute_logps(policy, mb, chunk_size=chunk_size)
             loss = -logps.token_logps.sum()
-            (loss * scale).backward()
+            backward(loss * scale)
         loss_sum += loss.detach()
     return StepResult(loss_sum, total)

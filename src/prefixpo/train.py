@@ -62,6 +62,12 @@ def load_data(cfg: TrainConfig, tokenizer, dataset: str, split: str) -> list[Gro
     return groups
 
 
+def random_weights(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is a directory holding only config.json (``load_model`` draws random weights)."""
+    path = Path(name_or_path)
+    return path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors"))
+
+
 def load_model(name_or_path: str, cfg: TrainConfig, seed: int, dtype: torch.dtype | None = None):
     """A transformers causal LM; a directory holding only config.json gives random weights from ``seed``.
 
@@ -70,9 +76,8 @@ def load_model(name_or_path: str, cfg: TrainConfig, seed: int, dtype: torch.dtyp
 
     if dtype is None:
         dtype = torch.bfloat16 if cfg.bf16 and torch.cuda.is_available() else torch.float32
-    path = Path(name_or_path)
-    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if random_weights(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.trust_remote_code)
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     extra = {}
@@ -258,14 +263,14 @@ def generate_samples(model, tokenizer, groups: list[Group], cfg: TrainConfig, pa
 
 # --- the stage ----------------------------------------------------------------------------------
 
-def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, accelerator, sharded: bool = False):
+def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, accelerator, sharding: str = "none"):
     """(train reference, eval reference, mode): a function per data split, or None for reference-free losses.
 
-    ``policy``: the prepared policy. ``sharded`` (FSDP): a frozen reference model is sharded like
-    the policy, and a reference that runs a sharded forward is marked collective."""
+    ``policy``: the prepared policy. ``sharding`` (``none``, ``fsdp`` or ``deepspeed``): a frozen
+    reference model is sharded like the policy (FSDP2, or a frozen ZeRO-3 engine; ZeRO-1/2 keep a
+    whole copy per rank), and a reference that runs a sharded forward is marked collective."""
     from prefixpo.distributed import collective, every_rank_loads_weights, shard_frozen
     from prefixpo.losses import loss_requires_reference
-    from prefixpo.modeling import apply_prefix_attention
     from prefixpo.reference import (
         groups_fingerprint,
         model_fingerprint,
@@ -274,6 +279,7 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
         reference_from_cache,
     )
     from prefixpo.step import reference_from_model
+    from prefixpo.zero import apply_attention, frozen_engine, is_partitioned, whole_model_loading, zero_stage
 
     if cfg.stage == "sft" or not loss_requires_reference(cfg.loss_type):
         if cfg.reference_mode not in ("auto", "none"):
@@ -284,17 +290,24 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
         raise ConfigError(f"config key `reference_mode`: loss {cfg.loss_type} needs a reference model")
     if mode == "auto":
         mode = "adapters_off" if cfg.use_peft and not cfg.ref_model_name_or_path else "model"
+    sharded = sharding != "none"
     if mode == "adapters_off":
         fn = reference_from_adapters_off(policy, cfg.logps_chunk_size, through_wrapper=sharded)
         fn = collective(fn) if sharded else fn
         return fn, fn, mode
     source = cfg.ref_model_name_or_path or cfg.model_name_or_path
-    with every_rank_loads_weights():
-        reference = load_model(source, cfg, cfg.seed).to(accelerator.device).eval().requires_grad_(False)
-    apply_prefix_attention(reference, cfg.attention_backend)
+    # ZeRO-3 (zero3_init_flag) loads the model partitioned, for a frozen engine; a precomputed
+    # reference runs without one, so it is loaded whole, as random weights are (see train_stage)
+    with every_rank_loads_weights(), whole_model_loading(mode == "precomputed" or random_weights(source)):
+        reference = load_model(source, cfg, cfg.seed).eval().requires_grad_(False)
+    if not is_partitioned(reference):
+        reference.to(accelerator.device)
+    apply_attention(reference, cfg.attention_backend)
     if mode == "model":
-        if sharded:  # 1/world of the frozen model per rank, instead of a full copy
+        if sharding == "fsdp":  # 1/world of the frozen model per rank, instead of a full copy
             fn = collective(reference_from_model(shard_frozen(reference, accelerator.device), cfg.logps_chunk_size))
+        elif zero_stage(accelerator) == 3:  # the same with ZeRO-3
+            fn = collective(reference_from_model(frozen_engine(reference, accelerator), cfg.logps_chunk_size))
         else:
             fn = reference_from_model(reference, cfg.logps_chunk_size)
         return fn, fn, mode
@@ -349,7 +362,7 @@ def check_start_agreement(metrics: dict[str, float], beta: float, accelerator) -
             f"at step 1 the policy and the reference model, loaded from the same weights, disagree by "
             f"{100 * gap:.1f}% of their summed log-probs (rounding gives ~0.01%): the two models do not run the "
             "same computation. Check that both use the same attention_backend and dtype; run `prefixpo verify` "
-            "for the model; under FSDP, compare with a single-process run.")
+            "for the model; under FSDP or DeepSpeed, compare with a single-process run.")
 
 
 def train_stage(cfg: TrainConfig) -> dict[str, Any]:
@@ -360,14 +373,18 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from prefixpo.checkpoint import (
+        DEEPSPEED_DIR,
         SHARDED_DIR,
         checkpoint_dirs,
+        checkpoint_sharding,
         finish_checkpoint,
+        load_engine_state,
         load_sharded_state,
         load_state,
         resolve_checkpoint,
         rng_state,
         save_checkpoint,
+        save_engine_state,
         save_model,
         save_sharded_state,
         start_checkpoint,
@@ -383,20 +400,35 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     )
     from prefixpo.logprobs import ScoredLM
     from prefixpo.losses import get_loss
-    from prefixpo.modeling import apply_prefix_attention, build_attention_masks
+    from prefixpo.modeling import build_attention_masks
     from prefixpo.pairs import PairConfig
     from prefixpo.step import batch_pair_indices, preference_step, sft_step
+    from prefixpo.zero import (
+        accumulation_boundary,
+        apply_attention,
+        configure,
+        engine_backward,
+        is_partitioned,
+        optimizer_step,
+        register_head,
+        whole_model_loading,
+        zero_stage,
+    )
 
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
                               project_dir=str(out))
     main = accelerator.is_main_process
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("DeepSpeed is not supported yet: the training step calls backward itself, where "
-                          "DeepSpeed needs its engine's backward and step, and ZeRO-3 loads the model already "
-                          "partitioned, which the attention checks cannot read. Use FSDP2 "
-                          "(examples/accelerate/fsdp2.yaml) for sharded training.")
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    sharding = "fsdp" if fsdp else "deepspeed" if deepspeed else "none"  # how the optimizer state is saved
+    if deepspeed:
+        if cfg.load_in_4bit:
+            raise ConfigError("config key `load_in_4bit`: QLoRA is not supported under DeepSpeed; run it on one "
+                              "GPU or with DDP (examples/accelerate/ddp.yaml)")
+        configure(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)  # before the model loads
+        # accelerate's own count, which it compares with the DeepSpeed config's (and warns)
+        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     if fsdp and not accelerator.is_fsdp2:
         raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
                           "(examples/accelerate/fsdp2.yaml)")
@@ -420,11 +452,15 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError(f"config key `packing_capacity`: a group of {max(lengths)} tokens does not fit "
                               f"in {cfg.packing_capacity}; raise it or lower max_length")
 
-    master = cfg.bf16 and (cfg.fp32_master_weights or fsdp) and not cfg.load_in_4bit
+    # DeepSpeed keeps fp32 master weights in its optimizer itself (bf16 in its config)
+    master = cfg.bf16 and (cfg.fp32_master_weights or fsdp) and not cfg.load_in_4bit and not deepspeed
     resume_weights = checkpoint is not None and not cfg.use_peft
     source = str(checkpoint) if resume_weights else cfg.model_name_or_path
-    # a checkpoint holds the fp32 master weights: load them as they are, not rounded to bf16
-    model = load_model(source, cfg, cfg.seed, dtype=torch.float32 if resume_weights and master else None)
+    # random weights are drawn whole, not by ZeRO-3's partitioned init (zero3_init_flag), so that a
+    # seed gives the same model under every engine
+    with whole_model_loading(random_weights(source)):
+        # a checkpoint holds the fp32 master weights: load them as they are, not rounded to bf16
+        model = load_model(source, cfg, cfg.seed, dtype=torch.float32 if resume_weights and master else None)
     if cfg.use_peft:
         model = apply_lora(model, cfg, checkpoint)
     if master:
@@ -432,9 +468,10 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if not cfg.load_in_4bit:  # a quantized model is placed on the GPU when it loads
+    # a quantized model is placed on the GPU when it loads, a ZeRO-3-partitioned one by its engine
+    if not cfg.load_in_4bit and not is_partitioned(model):
         model.to(accelerator.device)
-    apply_prefix_attention(model, cfg.attention_backend)
+    apply_attention(model, cfg.attention_backend)
     loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs()) if cfg.stage == "preference" else None
     pair_config = PairConfig(cfg.pair_strategy, cfg.pair_min_gap)
 
@@ -455,6 +492,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                               num_training_steps=total_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     params = [p for p in policy.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
+    if zero_stage(accelerator) == 3:  # the scored forward reads the output layer's (partitioned) weight
+        register_head(accelerator.unwrap_model(policy))
     if tied and not tied_embeddings(accelerator.unwrap_model(policy)):
         raise TrainingError("the model's tied input and output embeddings became two parameters when the model "
                             "was prepared; set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
@@ -462,18 +501,22 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     checks_start_agreement = (cfg.stage == "preference" and checkpoint is None
                               and cfg.ref_model_name_or_path in (None, cfg.model_name_or_path))
     train_ref, eval_ref, ref_mode = build_reference(cfg, policy, train_groups, eval_groups, accelerator,
-                                                    sharded=fsdp)
+                                                    sharding=sharding)
     checks_start_agreement = checks_start_agreement and ref_mode != "none"
 
     step = 0
     metrics_path = out / "metrics.jsonl"
     if checkpoint is not None:
         state = load_state(checkpoint)
-        if fsdp == ("optimizer" in state):  # sharded optimizer state (FSDP) or a whole one
-            raise TrainingError(f"{checkpoint} was saved {'without' if fsdp else 'with'} FSDP; resume it "
-                                f"{'without' if fsdp else 'with'} FSDP too")
+        saved = checkpoint_sharding(state)
+        if saved != sharding:
+            names = {"none": "without FSDP or DeepSpeed", "fsdp": "with FSDP", "deepspeed": "with DeepSpeed"}
+            raise TrainingError(f"{checkpoint} was saved {names[saved]}; resume it {names[saved]} too (this run "
+                                f"is {names[sharding]})")
         if fsdp:  # this rank's optimizer shard and RNG state
             load_sharded_state(policy, optimizer.optimizer, checkpoint / SHARDED_DIR)
+        elif deepspeed:  # the engine's partitions of the weights and optimizer state, this rank's RNG state
+            load_engine_state(policy, checkpoint / DEEPSPEED_DIR)
         else:
             optimizer.load_state_dict(state["optimizer"])
             restore_rng(state["rng"])
@@ -493,31 +536,37 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
 
     def full_weights() -> dict[str, torch.Tensor]:
         """The transformers model's full state dict, without tied aliases; every rank calls it
-        (FSDP gathers the shards, to the main process)."""
-        weights = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(policy).items()}
+        (FSDP and ZeRO-3 gather the shards, to the main process)."""
+        state = accelerator.get_state_dict(policy) or {}  # DeepSpeed: None on the other ranks
+        weights = {k.removeprefix("model."): v for k, v in state.items()}
         return {k: v for k, v in weights.items() if k not in aliases}
 
     def save(at_step: int) -> Path:
-        """Every rank calls it. The main process writes the whole model; under FSDP every rank also
-        writes its optimizer shard into the same temporary directory before the rename."""
+        """Every rank calls it. The main process writes the whole model; under FSDP (DeepSpeed) every
+        rank also writes its optimizer shard (engine checkpoint) into the same temporary directory
+        before the rename."""
         started = time.perf_counter()
         state = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": at_step,
-                 "epoch": at_step // max(steps_per_epoch, 1)}
-        if not fsdp:
+                 "epoch": at_step // max(steps_per_epoch, 1), "sharding": sharding}
+        if sharding == "none":
             state["optimizer"] = optimizer.state_dict()
         accelerator.wait_for_everyone()
         weights = full_weights()
         inner = accelerator.unwrap_model(policy).model
         path = None
-        if not fsdp:
+        if sharding == "none":
             if main:
                 path = save_checkpoint(out, at_step, inner, tokenizer, state, cfg.save_total_limit, state_dict=weights)
         else:
             if main:
                 save_model(inner, tokenizer, start_checkpoint(out, at_step), state_dict=weights)
             accelerator.wait_for_everyone()  # the temporary directory exists
-            save_sharded_state(policy, optimizer.optimizer, checkpoint_dirs(out, at_step)[1] / SHARDED_DIR)
-            accelerator.wait_for_everyone()  # every rank wrote its shard
+            tmp = checkpoint_dirs(out, at_step)[1]
+            if fsdp:
+                save_sharded_state(policy, optimizer.optimizer, tmp / SHARDED_DIR)
+            else:
+                save_engine_state(policy, tmp / DEEPSPEED_DIR)
+            accelerator.wait_for_everyone()  # every rank wrote its part
             if main:
                 path = finish_checkpoint(out, at_step, state, cfg.save_total_limit)
         accelerator.wait_for_everyone()
@@ -542,7 +591,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         last_eval.clear()
         last_eval.update(result, step=at_step)
         log({"step": at_step, "stage": cfg.stage, "split": "eval", **result})
-        if main and cfg.generate_during_eval and not fsdp:
+        if main and cfg.generate_during_eval and sharding == "none":
             (out / "samples").mkdir(exist_ok=True)
             generate_samples(policy, tokenizer, eval_groups, cfg, out / "samples" / f"step-{at_step}.jsonl")
         window.started += time.perf_counter() - started  # throughput counts training time only
@@ -551,8 +600,12 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     def no_sync(last: bool):
         return nullcontext() if last or world == 1 else accelerator.no_sync(policy)
 
-    if cfg.generate_during_eval and fsdp and main:
-        print("note: generate_during_eval is skipped under FSDP (generation needs the whole model on one rank)",
+    backward = torch.Tensor.backward
+    if deepspeed:  # the engine runs backward (not dividing by accumulation: the step scales the loss)
+        backward, no_sync = engine_backward(policy), accumulation_boundary(policy)  # and marks the step's end
+    if cfg.generate_during_eval and sharding != "none" and main:
+        engine = "FSDP" if fsdp else "DeepSpeed"
+        print(f"note: generate_during_eval is skipped under {engine} (generation needs the whole model on one rank)",
               file=sys.stderr)
     lengths = group_lengths(train_groups, cfg)
     bar = tqdm(total=total_steps, initial=step, disable=not main or cfg.disable_progress_bar,
@@ -573,13 +626,13 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             on_host = [make_batch(train_groups, r, cfg, accelerator.device, move=False) for r in rows]
             micro_batches = [mb.to(accelerator.device) for mb in on_host]
             if cfg.stage == "sft":
-                result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync)
+                result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync, backward=backward)
             else:
                 # pairs from the host copies: finding them on the device would wait for the GPU
                 pairs = [batch_pair_indices(mb, pair_config) for mb in on_host]
                 reference = reference_for_step(train_ref, micro_batches, lambda mb: build_attention_masks(policy, mb))
                 result = preference_step(policy, micro_batches, loss_fn, reference, pair_config,
-                                         cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs)
+                                         cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs, backward=backward)
             synchronize(accelerator.device)
             compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
             tokens = sum(lengths[i] for mb in rows for row in mb for i in row)
@@ -594,8 +647,11 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                     "data and bf16 settings.")
             if step == 0 and checks_start_agreement:
                 check_start_agreement(result.metrics, cfg.beta, accelerator)
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            if deepspeed:  # the engine clips (gradient_clipping = max_grad_norm) and steps
+                grad_norm = optimizer_step(policy)
+            else:
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
