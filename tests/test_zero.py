@@ -4,9 +4,8 @@ gets prefixpo's values. (tests/test_deepspeed.py trains with the real engine whe
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import oracle_token_logps, tiny_model
-from test_step import BETA, make_groups, oracle_pairs, unpacked
+from conftest import tiny_model
+from test_step import BETA, make_groups, oracle_step, unpacked
 
 from prefixpo.config import ConfigError
 from prefixpo.losses import get_loss
@@ -34,26 +33,13 @@ class FakeEngine:
         return loss
 
 
-def oracle_gradients(policy, reference, groups) -> dict[str, torch.Tensor]:
-    """The gradient of the mean over all pairs, from separate sequences."""
-    policy.zero_grad(set_to_none=True)
-    losses = []
-    for g in groups:
-        pol = [oracle_token_logps(policy, list(g.prompt_ids), list(r)).sum() for r in g.response_ids]
-        with torch.no_grad():
-            ref = [oracle_token_logps(reference, list(g.prompt_ids), list(r)).sum() for r in g.response_ids]
-        losses += [-F.logsigmoid(BETA * ((pol[c] - pol[r]) - (ref[c] - ref[r]))) for c, r in oracle_pairs(g)]
-    torch.stack(losses).mean().backward()
-    return {n: p.grad.clone() for n, p in policy.named_parameters()}
-
-
 def test_the_step_through_an_engine_backward_keeps_the_gradient_of_the_pair_mean():
     """Three micro-batches through the engine's backward with accumulation 3 in its config: the
     gradient is the oracle's (not a third of it), the engine runs every backward, and only the
     last micro-batch is marked as the step's boundary."""
     policy, reference = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     groups = make_groups()
-    want = oracle_gradients(policy, reference, groups)
+    _, want = oracle_step(policy, reference, groups)  # separate sequences, the mean over all pairs
     for model in (policy, reference):
         apply_prefix_attention(model, "sdpa")
     engine = FakeEngine(accumulation_steps=3)

@@ -408,6 +408,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         apply_attention,
         configure,
         engine_backward,
+        is_deepspeed,
         is_partitioned,
         optimizer_step,
         register_head,
@@ -420,7 +421,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                               project_dir=str(out))
     main = accelerator.is_main_process
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    deepspeed = is_deepspeed(accelerator)
     sharding = "fsdp" if fsdp else "deepspeed" if deepspeed else "none"  # how the optimizer state is saved
     if deepspeed:
         if cfg.load_in_4bit:
