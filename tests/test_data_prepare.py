@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import datasets
 from test_data_tokenizers import FIXTURES, make_tokenizer
 
-from prefixpo import prepare
+from prefixpo.cli import main
 
 datasets.disable_progress_bars()
 
 
 def run(argv):
-    parser = argparse.ArgumentParser()
-    prepare.add_arguments(parser)
-    return prepare.run(parser.parse_args(argv))
+    """``prefixpo prepare ARGV`` through the command's own entry point (as the executable calls it)."""
+    return main(["prepare", *argv])
 
 
 def saved_tokenizer(tmp_path, style="chatml"):

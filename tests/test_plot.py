@@ -89,3 +89,26 @@ def test_missing_matplotlib_exits_2_with_install_command(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "pip install" in err and "matplotlib" in err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_multi_stage_run_draws_every_stage(tmp_path, capsys, monkeypatch):
+    """A multi-stage run's directory (no metrics.jsonl of its own) gets one figure, a row per stage."""
+    pytest.importorskip("matplotlib")
+    from matplotlib import pyplot as plt
+
+    for stage in ("0-sft", "1-preference", "2-preference"):
+        (tmp_path / stage).mkdir()
+        write_metrics(tmp_path / stage)
+    (tmp_path / "notes").mkdir()  # not a stage directory
+    shapes = []
+    real = plt.subplots
+
+    def recording(nrows, ncols, **kwargs):
+        shapes.append((nrows, ncols))
+        return real(nrows, ncols, **kwargs)
+
+    monkeypatch.setattr(plt, "subplots", recording)
+    assert main(["plot", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
+    # write_metrics holds an sft and a preference stage: 2 rows per stage directory
+    assert shapes == [(6, 3)] and (tmp_path / "curves.png").stat().st_size > 0

@@ -36,9 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command)
     args, extra = parser.parse_known_args(argv)
     module = importlib.import_module(args._module)
-    if extra and not getattr(module, "ACCEPTS_OVERRIDES", False):
+    if getattr(module, "ACCEPTS_OVERRIDES", False):  # only such commands read args.overrides
+        args.overrides = extra
+    elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
     return int(module.run(args) or 0)
 
 

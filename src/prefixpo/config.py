@@ -108,7 +108,8 @@ class TrainConfig:
     save_steps: int | None = None
     save_total_limit: int = 2
     report_to: str | list[str] = "none"
-    resume_from_checkpoint: str | None = None
+    resume_from_checkpoint: str | None = None  # latest, auto (latest if there is one, else start) or a path
+    overwrite_output_dir: bool = False  # replace the run an output_dir already holds
     generate_during_eval: bool = False
     num_generations: int = 4
     max_new_tokens: int = 64
@@ -138,6 +139,11 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise bad(key, f"must be a positive integer or null, got {value!r}")
+        if isinstance(self.resume_from_checkpoint, bool):  # transformers' meaning: true is the newest checkpoint
+            self.resume_from_checkpoint = "latest" if self.resume_from_checkpoint else None
+        if self.resume_from_checkpoint is not None and not isinstance(self.resume_from_checkpoint, str):
+            raise bad("resume_from_checkpoint", f"got {self.resume_from_checkpoint!r}; give latest, auto or the path "
+                      "of a checkpoint directory")
         if not self.learning_rate > 0:
             raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
@@ -232,21 +238,28 @@ def _check_keys(keys: Sequence[str], where: str) -> None:
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
-    """``["--lr", "1e-4", "--sft.bf16", "true"]`` -> ``{"lr": 1e-4, "sft.bf16": True}``."""
+    """``--key value`` pairs (or ``--key=value``; a bare ``--flag`` is true), values parsed as YAML.
+    Dashes in a key read as underscores (``--learning-rate``); values are kept as typed.
+
+    >>> parse_overrides(["--learning-rate", "2.0e-5", "--sft.bf16", "--output_dir=/runs/my-run"])
+    {'learning_rate': 2e-05, 'sft.bf16': True, 'output_dir': '/runs/my-run'}
+    """
     out: dict[str, Any] = {}
     items = list(args)
     while items:
-        key = items.pop(0)
-        if not key.startswith("--"):
-            raise ConfigError(f"expected --key value, got {key!r}")
-        key = key[2:].replace("-", "_") if "." not in key else key[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        elif items and not items[0].startswith("--"):
-            value = items.pop(0)
-        else:
-            value = "true"
-        out[key] = yaml.safe_load(value)
+        item = items.pop(0)
+        if not item.startswith("--") or item == "--":
+            raise ConfigError(f"expected --key value on the command line, got {item!r}")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            value = items.pop(0) if items and not items[0].startswith("--") else "true"
+        stage, dot, name = key.rpartition(".")
+        key = stage + dot + name.replace("-", "_")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--{key} on the command line: {value!r} is not a valid value "
+                              f"({str(err).splitlines()[0]})") from None
     return out
 
 
@@ -260,7 +273,10 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
             raise ConfigError(f"no config file at {path}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(raw).__name__}")
     stages = raw.pop("stages", None) or [{}]
+    _check_keys(list(raw), str(path))
     top = dict(raw)
     per_stage: dict[str, dict[str, Any]] = {}
     for key, value in parse_overrides(overrides).items():
@@ -268,14 +284,14 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
             name, sub = key.split(".", 1)
             per_stage.setdefault(name, {})[sub] = value
         else:
+            _check_keys([key], "the command line (--" + key + ")")
             top[key] = value
-    _check_keys(list(top), str(path or "the command line"))
     configs = []
     for i, stage in enumerate(stages):
         _check_keys(list(stage), f"stages[{i}]")
         merged = {**top, **stage}
         name = merged.get("stage", "preference")
-        _check_keys(list(per_stage.get(name, {})), f"--{name}.* overrides")
+        _check_keys(list(per_stage.get(name, {})), f"the command line (--{name}.*)")
         merged.update(per_stage.get(name, {}))
         if len(stages) > 1:
             merged["output_dir"] = str(Path(merged.get("output_dir", TrainConfig.output_dir)) / f"{i}-{name}")

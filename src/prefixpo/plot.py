@@ -1,6 +1,7 @@
 """``prefixpo plot RUN_DIR``: training curves from ``RUN_DIR/metrics.jsonl`` as PNG files.
 
-    prefixpo plot runs/quickstart        # writes runs/quickstart/curves.png
+    prefixpo plot runs/quickstart/1-preference    # one stage: writes its curves.png
+    prefixpo plot runs/quickstart                 # a multi-stage run: every stage in one curves.png
 
 ``metrics.jsonl`` has one JSON object per line with ``step``, ``stage`` (``sft`` or
 ``preference``), ``split`` (``train`` or ``eval``) and metrics: ``loss`` and, for preference,
@@ -77,24 +78,52 @@ def read_metrics(path: Path) -> tuple[Curves, int]:
     return dict(curves), skipped
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Draw ``RUN_DIR/metrics.jsonl`` to ``RUN_DIR/curves.png``; returns the files written.
+def metrics_files(run_dir: Path) -> list[tuple[str, Path]]:
+    """``(label, metrics file)`` of a run: its own ``metrics.jsonl``, or for a multi-stage run
+    (``prefixpo train`` with ``stages``) that of each stage directory ``INDEX-STAGE/``, in order.
 
-    Raises ``PlotError`` when the directory, the file or any metric is missing, and
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for stage in ("1-preference", "0-sft"):
+    ...     (d / stage).mkdir(); _ = (d / stage / METRICS_FILE).write_text("")
+    >>> [label for label, _ in metrics_files(d)]
+    ['0-sft', '1-preference']
+    """
+    if (run_dir / METRICS_FILE).is_file():
+        return [(run_dir.name, run_dir / METRICS_FILE)]
+    stages = []
+    for sub in run_dir.iterdir():
+        index, _, stage = sub.name.partition("-")
+        if index.isdigit() and stage in STAGES and (sub / METRICS_FILE).is_file():
+            stages.append((int(index), sub.name, sub / METRICS_FILE))
+    return [(label, path) for _, label, path in sorted(stages)]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Draw the curves of a run to ``RUN_DIR/curves.png``; returns the files written. A multi-stage
+    run's directory gets one figure with a row per stage (see ``metrics_files``).
+
+    Raises ``PlotError`` when the directory, the metrics or any metric is missing, and
     ``ImportError`` (naming the install command) when matplotlib is not installed.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PlotError(f"{run_dir} is not a directory: give the run directory of a training run")
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        raise PlotError(f"{path} does not exist: the trainer writes it while training; is {run_dir} a run directory?")
-    curves, skipped = read_metrics(path)
-    if skipped:
-        warnings.warn(f"{path}: skipped {skipped} line(s) that are not JSON objects with step, stage and split",
-                      stacklevel=2)
-    if not curves:
-        raise PlotError(f"{path} has no metric to plot (lines need step, stage, split and a loss or reward metric)")
+    files = metrics_files(run_dir)
+    if not files:
+        raise PlotError(f"{run_dir} has no {METRICS_FILE}, nor stage directories (0-sft/, 1-preference/, ...) "
+                        "holding one: the trainer writes it while training; is it a run directory?")
+    rows: list[tuple[str, str, Curves]] = []  # (title, stage, curves) per row of panels
+    for label, path in files:
+        curves, skipped = read_metrics(path)
+        if skipped:
+            warnings.warn(f"{path}: skipped {skipped} line(s) that are not JSON objects with step, stage and split",
+                          stacklevel=2)
+        stages = [s for s in STAGES if any(k[0] == s for k in curves)]
+        rows += [(f"{label}: " if len(files) > 1 else "", stage, curves) for stage in stages]
+    if not rows:
+        where = files[0][1] if len(files) == 1 else f"the metrics files of {run_dir}"
+        raise PlotError(f"{where} has no metric to plot (lines need step, stage, split and a loss or reward metric)")
     try:
         import matplotlib
     except ImportError:
@@ -102,10 +131,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    stages = [s for s in STAGES if any(k[0] == s for k in curves)]
-    columns = max(len(PANELS[s]) for s in stages)
-    fig, axes = plt.subplots(len(stages), columns, figsize=(4.5 * columns, 3.2 * len(stages)), squeeze=False)
-    for row, stage in enumerate(stages):
+    columns = max(len(PANELS[stage]) for _, stage, _ in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(4.5 * columns, 3.2 * len(rows)), squeeze=False)
+    for row, (prefix, stage, curves) in enumerate(rows):
         for col in range(columns):
             ax = axes[row][col]
             if col >= len(PANELS[stage]):
@@ -119,7 +147,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                     ax.plot(steps, values, style, label=split, markersize=3, linewidth=1.2)
             if metric == "rewards/accuracies":
                 ax.set_ylim(-0.02, 1.02)
-            ax.set_title(title)
+            ax.set_title(prefix + title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             if ax.has_data():
@@ -133,7 +161,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"a training run directory holding {METRICS_FILE}")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"a training run directory: one holding {METRICS_FILE}, "
+                        "or a multi-stage run's directory (one row of panels per stage)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,8 +23,7 @@ import torch
 from prefixpo.config import ConfigError, TrainConfig, load_stages, save_config
 from prefixpo.layout import Batch, Group, build_batch, layout_group, round_up
 from prefixpo.packing import PackingConfig, bucket_lengths, packing_stats, plan_epoch, row_length
-
-DONE_MARKER = "training_done.json"
+from prefixpo.rundir import DONE_MARKER, clear_run, finished_record, plan_stages
 
 
 class TrainingError(RuntimeError):
@@ -198,6 +197,16 @@ def truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+def plot_quietly(run_dir: Path) -> None:
+    """``curves.png`` of a run; plotting is a convenience, so a missing matplotlib is a note, not a failure."""
+    try:
+        from prefixpo.plot import plot_run
+
+        plot_run(run_dir)
+    except Exception as err:
+        print(f"note: no plots ({err})", file=sys.stderr)
+
+
 # --- evaluation ---------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -366,11 +375,13 @@ def check_start_agreement(metrics: dict[str, float], beta: float, accelerator) -
 
 
 def train_stage(cfg: TrainConfig) -> dict[str, Any]:
-    """Train one stage; returns the final metrics. The final model is written to OUTPUT_DIR/final."""
+    """Train one stage; returns what ``OUTPUT_DIR/training_done.json`` records (``steps``, the
+    length settings, ``reference``, the last ``eval`` metrics). The final model goes to OUTPUT_DIR/final."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
+    from transformers.utils import logging as transformers_logging
 
     from prefixpo.checkpoint import (
         DEEPSPEED_DIR,
@@ -417,8 +428,9 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     )
 
     out = Path(cfg.output_dir)
+    # trackers name the run after output_dir; tensorboard writes its events into output_dir itself
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
-                              project_dir=str(out))
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out.parent)))
     main = accelerator.is_main_process
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     deepspeed = is_deepspeed(accelerator)
@@ -437,6 +449,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         keep_fp32_outputs(accelerator.state.fsdp_plugin)
     if cfg.torch_num_threads:
         torch.set_num_threads(cfg.torch_num_threads)
+    transformers_logging.disable_progress_bar()  # no loading and saving bars between the trainer's own lines
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     if main:
@@ -525,6 +538,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         step = state["step"]
         if main:
             truncate_metrics(metrics_path, step)
+            (out / DONE_MARKER).unlink(missing_ok=True)  # continuing a finished run: not finished until it ends
         print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
     elif main and metrics_path.exists():
         metrics_path.unlink()
@@ -685,24 +699,22 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         raise TrainingError(f"interrupted: saved {path} at step {step}; resume with "
                             "--resume_from_checkpoint latest") from None
     bar.close()
+    if cfg.save_steps and (last_saved is None or last_saved.name != f"checkpoint-{step}"):
+        save(step)  # the end's checkpoint too: a finished run can be continued to a larger max_steps
     if eval_groups and last_eval.get("step") != step:
         run_eval(step)
     final_metrics = dict(last_eval)
     accelerator.wait_for_everyone()
     weights = full_weights()
+    record = {**finished_record(cfg, step), "reference": ref_mode, "eval": final_metrics}
     if main:
         save_model(accelerator.unwrap_model(policy).model, tokenizer, out / "final", state_dict=weights)
-        (out / DONE_MARKER).write_text(json.dumps({"steps": step, "reference": ref_mode, **final_metrics}))
-        try:
-            from prefixpo.plot import plot_run
-
-            plot_run(out)
-        except Exception as err:  # plotting is a convenience; a missing matplotlib must not fail a run
-            print(f"note: no plots ({err})", file=sys.stderr)
+        (out / DONE_MARKER).write_text(json.dumps(record))
+        plot_quietly(out)
     accelerator.wait_for_everyone()
     if cfg.reports:
         accelerator.end_training()
-    return final_metrics
+    return record
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -722,21 +734,23 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         stages = load_stages(args.config, args.overrides)
+        plans = plan_stages(stages)  # before anything loads: never overwrite a run, nothing to resume
     except ConfigError as err:
         print(f"prefixpo train: {err}", file=sys.stderr)
         return 2
     try:
-        for cfg in stages:
-            if (Path(cfg.output_dir) / DONE_MARKER).is_file() and cfg.resume_from_checkpoint:
-                print(f"stage {cfg.stage} already finished in {cfg.output_dir}; skipping", file=sys.stderr)
+        for cfg, plan in zip(stages, plans):
+            if plan.note:
+                print(plan.note, file=sys.stderr)
+            if plan.action == "skip":
                 continue
-            if cfg.resume_from_checkpoint == "latest":
-                from prefixpo.checkpoint import list_checkpoints
-
-                if not list_checkpoints(Path(cfg.output_dir)):
-                    cfg.resume_from_checkpoint = None  # this stage had not saved yet: start it
-            metrics = train_stage(cfg)
-            print(f"stage {cfg.stage} done: {json.dumps(metrics)}")
+            if plan.clear:
+                clear_run(cfg.output_dir)
+            cfg.resume_from_checkpoint = plan.checkpoint
+            done = train_stage(cfg)
+            print(f"stage {cfg.stage} done: {describe_done(done, Path(cfg.output_dir))}")
+        if len(stages) > 1:
+            plot_quietly(Path(stages[0].output_dir).parent)  # every stage in one figure
     except (ConfigError, DataError) as err:
         print(f"prefixpo train: {err}", file=sys.stderr)
         return 2
@@ -749,3 +763,12 @@ def run(args: argparse.Namespace) -> int:
               "gradient_checkpointing, or lower logps_chunk_size.", file=sys.stderr)
         return 1
     return 0
+
+
+def describe_done(record: dict[str, Any], out: Path) -> str:
+    """``40 steps, model in runs/x/final; eval loss 0.3123, rewards/accuracies 0.9750``."""
+    text = f"{record['steps']} steps, model in {out / 'final'}"
+    evals = {k: record["eval"][k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in record["eval"]}
+    if evals:
+        text += "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items())
+    return text

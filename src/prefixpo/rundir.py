@@ -1,0 +1,151 @@
+"""A run directory belongs to one run: what it holds, and whether a stage starts, resumes or skips.
+
+``prefixpo train`` decides for every stage before anything loads (``plan_stages``):
+
+- no ``resume_from_checkpoint``: a new run. An ``output_dir`` that already holds a run (metrics,
+  checkpoints, a final model) is refused unless ``overwrite_output_dir`` is set, which removes
+  what the old run wrote when the stage starts (nothing else in the directory is touched);
+- ``latest``: resume the newest finished checkpoint; an error when there is none, except in a
+  multi-stage run whose earlier stage was resumed or finished (the stage had not saved yet);
+- ``auto``: ``latest`` when there is a checkpoint, else a new run (for job scripts that are
+  requeued with the same command);
+- a finished stage is skipped, unless ``max_steps`` (or ``num_train_epochs``) was raised: then it
+  continues from its newest checkpoint to the new end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefixpo.checkpoint import list_checkpoints
+from prefixpo.config import ConfigError, TrainConfig
+
+DONE_MARKER = "training_done.json"
+# what a run writes into its output_dir (config.yaml alone is no run: it is written before anything loads)
+RUN_FILES = ("metrics.jsonl", "final", DONE_MARKER, "samples", "curves.png", "config.yaml")
+RUN_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", "events.out.tfevents.*")
+
+
+@dataclass
+class RunState:
+    """What ``path`` holds of a run: finished checkpoints (oldest first), the done marker's record,
+    and the names of every file or directory a run writes."""
+
+    path: Path
+    checkpoints: list[Path]
+    done: dict[str, Any] | None
+    written: list[str]
+
+    @property
+    def holds_run(self) -> bool:
+        return any(name != "config.yaml" for name in self.written)
+
+    def describe(self) -> str:
+        """``finished at step 40: final/, 2 checkpoints`` or ``unfinished: metrics.jsonl, 1 checkpoint``."""
+        parts = [name + "/" if (self.path / name).is_dir() else name for name in self.written
+                 if not name.startswith(("checkpoint-", ".tmp-", "events.")) and name != "config.yaml"]
+        if self.checkpoints:
+            parts.append(f"{len(self.checkpoints)} checkpoint{'s' * (len(self.checkpoints) > 1)} "
+                         f"(newest {self.checkpoints[-1].name})")
+        head = f"finished at step {self.done.get('steps')}" if self.done else "unfinished"
+        return f"{head}: {', '.join(parts)}"
+
+
+def inspect_run(path: str | Path) -> RunState:
+    path = Path(path)
+    if not path.is_dir():
+        return RunState(path, [], None, [])
+    written = [name for name in RUN_FILES if (path / name).exists()]
+    written += sorted(p.name for pattern in RUN_PATTERNS for p in path.glob(pattern))
+    done = None
+    if (path / DONE_MARKER).is_file():
+        try:
+            done = json.loads((path / DONE_MARKER).read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+    return RunState(path, list_checkpoints(path), done, written)
+
+
+def clear_run(path: str | Path) -> None:
+    """Remove what a run wrote into ``path`` (``RUN_FILES``, checkpoints, tensorboard events); the
+    directory and anything else in it stay."""
+    state = inspect_run(path)
+    for name in state.written:
+        target = state.path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def finished_record(cfg: TrainConfig, steps: int) -> dict[str, Any]:
+    """What the done marker records: the steps trained and the length settings they came from."""
+    return {"steps": steps, "max_steps": cfg.max_steps, "num_train_epochs": cfg.num_train_epochs}
+
+
+def asks_for_more(cfg: TrainConfig, done: dict[str, Any]) -> bool:
+    """Whether ``cfg`` trains past a finished run: a larger ``max_steps``, or (without max_steps)
+    more ``num_train_epochs`` than the run was given."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps > int(done.get("steps") or 0)
+    epochs = done.get("num_train_epochs")
+    return done.get("max_steps", -1) <= 0 and epochs is not None and cfg.num_train_epochs > epochs
+
+
+@dataclass
+class StagePlan:
+    """``action``: ``start``, ``resume`` (from ``checkpoint``: a path or ``latest``) or ``skip``;
+    ``note``: one line for the user, or None; ``clear``: remove the old run's files first."""
+
+    action: str
+    checkpoint: str | None = None
+    note: str | None = None
+    clear: bool = False
+
+
+def plan_stage(cfg: TrainConfig, continuing: bool = False) -> StagePlan:
+    """What ``prefixpo train`` does with ``cfg``'s stage. ``continuing``: an earlier stage of the
+    same run was resumed or skipped as finished. Raises ``ConfigError`` when the directory's run
+    would be overwritten or there is nothing to resume."""
+    state, resume, out = inspect_run(cfg.output_dir), cfg.resume_from_checkpoint, cfg.output_dir
+    name = f"stage {cfg.stage} in {out}"
+    if resume is None:
+        if state.holds_run and not cfg.overwrite_output_dir:
+            raise ConfigError(f"output_dir {out} already holds a run ({state.describe()}); continue it with "
+                              "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose "
+                              "another output_dir")
+        return StagePlan("start", clear=state.holds_run)
+    if resume not in ("latest", "auto"):
+        return StagePlan("resume", resume)
+    if state.done is not None:
+        if not asks_for_more(cfg, state.done):
+            return StagePlan("skip", note=f"{name} already finished at step {state.done.get('steps')}; skipping "
+                                          "(raise max_steps or num_train_epochs to train it further)")
+        if not state.checkpoints:
+            raise ConfigError(f"{name} finished at step {state.done.get('steps')} and kept no checkpoint to continue "
+                              f"from (set save_steps to keep one); train further in a new output_dir with "
+                              f"--model_name_or_path {Path(out) / 'final'}")
+        return StagePlan("resume", str(state.checkpoints[-1]),
+                         note=f"{name} finished at step {state.done.get('steps')}; continuing from "
+                              f"{state.checkpoints[-1].name} to the new end")
+    if state.checkpoints:
+        return StagePlan("resume", str(state.checkpoints[-1]))
+    if resume == "auto" or continuing:
+        return StagePlan("start", note=f"{name}: no checkpoint to resume; starting it", clear=state.holds_run)
+    raise ConfigError(f"resume_from_checkpoint latest: {out} holds no finished checkpoint to resume"
+                      + (f" ({state.describe()})" if state.holds_run else "")
+                      + "; start without --resume_from_checkpoint, or use `auto` to resume when there is a "
+                      "checkpoint and start fresh when there is none")
+
+
+def plan_stages(stages: list[TrainConfig]) -> list[StagePlan]:
+    """``plan_stage`` for every stage of a run, in order, so a problem in a later stage is reported
+    before the first one trains."""
+    plans: list[StagePlan] = []
+    for cfg in stages:
+        plans.append(plan_stage(cfg, continuing=any(p.action in ("resume", "skip") for p in plans)))
+    return plans

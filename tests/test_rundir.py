@@ -1,0 +1,128 @@
+"""A run directory belongs to one run: refusal to overwrite, `latest` / `auto` resume, continuing a
+finished run to a larger max_steps (equal to training that far at once), command-line values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import final_weights, timeless, write_config
+
+from prefixpo.cli import main
+from prefixpo.config import ConfigError, TrainConfig, load_stages, parse_overrides
+from prefixpo.rundir import asks_for_more, clear_run, inspect_run, plan_stage
+
+SHORT = {"max_steps": 4, "save_steps": 2, "max_samples": 40, "lr_scheduler_type": "constant"}
+
+
+def last_err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_asked(tmp_path, capsys):
+    config = str(write_config(tmp_path, **SHORT))
+    assert main(["train", "--config", config]) == 0
+    before = final_weights(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "already holds a run (finished at step 4" in err and "--overwrite_output_dir" in err
+    after = final_weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # untouched
+    # replaced: old checkpoints are gone, so the new run's are not pruned in favour of stale ones
+    (tmp_path / "run" / "checkpoint-99").mkdir()
+    (tmp_path / "run" / "checkpoint-99" / "training_state.pt").write_bytes(b"")
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert main(["train", "--config", config, "--seed", "1", "--overwrite_output_dir"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+    assert [r["step"] for r in timeless(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_latest_without_a_checkpoint_says_so_and_auto_starts(tmp_path, capsys):
+    config = str(write_config(tmp_path, **SHORT))
+    assert main(["train", "--config", config, "--resume_from_checkpoint", "latest"]) == 2
+    err = last_err_line(capsys)
+    assert "holds no finished checkpoint to resume" in err and "`auto`" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert main(["train", "--config", config, "--resume_from_checkpoint", "auto"]) == 0
+    assert "no checkpoint to resume; starting it" in capsys.readouterr().err
+    assert main(["train", "--config", config, "--resume_from_checkpoint", "auto"]) == 0
+    assert "already finished at step 4; skipping (raise max_steps" in capsys.readouterr().err
+
+
+def test_raising_max_steps_continues_a_finished_run_exactly(tmp_path):
+    """4 steps, then continued to 8, equals 8 steps at once (constant learning rate), in metrics and weights."""
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    whole.mkdir(), extended.mkdir()
+    assert main(["train", "--config", str(write_config(whole, **{**SHORT, "max_steps": 8}))]) == 0
+    config = str(write_config(extended, **SHORT))
+    assert main(["train", "--config", config]) == 0
+    assert json.loads((extended / "run" / "training_done.json").read_text())["steps"] == 4
+    assert main(["train", "--config", config, "--resume_from_checkpoint", "latest", "--max_steps", "8"]) == 0
+    assert timeless(extended / "run" / "metrics.jsonl") == timeless(whole / "run" / "metrics.jsonl")
+    a, b = final_weights(extended / "run"), final_weights(whole / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((extended / "run" / "training_done.json").read_text())["steps"] == 8
+
+
+def test_a_finished_run_without_checkpoints_cannot_be_continued(tmp_path, capsys):
+    config = str(write_config(tmp_path, **{**SHORT, "save_steps": None}))
+    assert main(["train", "--config", config]) == 0
+    assert main(["train", "--config", config, "--resume_from_checkpoint", "latest", "--max_steps", "6"]) == 2
+    err = last_err_line(capsys)
+    assert "kept no checkpoint to continue from" in err and str(tmp_path / "run" / "final") in err
+
+
+def test_plan_stage_rules(tmp_path):
+    def cfg(**kw) -> TrainConfig:
+        return TrainConfig(model_name_or_path="m", dataset="d", output_dir=str(tmp_path), **kw)
+
+    assert plan_stage(cfg()).action == "start"  # empty directory
+    (tmp_path / "config.yaml").write_text("")  # written before anything loads: no run yet
+    assert plan_stage(cfg()).action == "start"
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="unfinished: metrics.jsonl"):
+        plan_stage(cfg())
+    assert plan_stage(cfg(overwrite_output_dir=True)).clear
+    with pytest.raises(ConfigError, match="no finished checkpoint"):
+        plan_stage(cfg(resume_from_checkpoint="latest"))
+    # a multi-stage run resumed past its earlier stages starts a stage that never saved
+    assert plan_stage(cfg(resume_from_checkpoint="latest"), continuing=True).action == "start"
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "training_state.pt").write_bytes(b"")
+    (tmp_path / ".tmp-checkpoint-5").mkdir()  # a save that did not finish is never resumed
+    plan = plan_stage(cfg(resume_from_checkpoint="latest"))
+    assert (plan.action, plan.checkpoint) == ("resume", str(tmp_path / "checkpoint-3"))
+    clear_run(tmp_path)
+    assert inspect_run(tmp_path).written == []
+
+
+def test_asks_for_more():
+    cfg = TrainConfig(model_name_or_path="m", dataset="d", max_steps=10)
+    assert asks_for_more(cfg, {"steps": 8}) and not asks_for_more(cfg, {"steps": 10})
+    epochs = TrainConfig(model_name_or_path="m", dataset="d", num_train_epochs=3)
+    assert asks_for_more(epochs, {"steps": 50, "max_steps": -1, "num_train_epochs": 2.0})
+    assert not asks_for_more(epochs, {"steps": 50, "max_steps": -1, "num_train_epochs": 3.0})
+    assert not asks_for_more(epochs, {"steps": 50, "max_steps": 50, "num_train_epochs": 1.0})
+
+
+def test_command_line_values_reach_the_config_unchanged(tmp_path):
+    (cfg,) = load_stages(write_config(tmp_path), ["--output_dir=/runs/my-run", "--learning_rate=1e-5",
+                                                  "--lr-scheduler-type", "cosine", "--resume_from_checkpoint",
+                                                  "true"])
+    assert (cfg.output_dir, cfg.learning_rate, cfg.lr_scheduler_type) == ("/runs/my-run", 1e-5, "cosine")
+    assert cfg.resume_from_checkpoint == "latest"  # transformers' `true`
+    assert parse_overrides(["--sft.max-steps=3"]) == {"sft.max_steps": 3}
+
+
+def test_unknown_keys_name_where_they_came_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"`lerning_rate` in the command line \(--lerning_rate\)"):
+        load_stages(write_config(tmp_path), ["--lerning_rate", "1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(write_config(tmp_path).read_text() + "lerning_rate: 1\n")
+    with pytest.raises(ConfigError, match=f"`lerning_rate` in {bad}"):
+        load_stages(bad)
