@@ -28,7 +28,8 @@ def test_default_stops_at_first_bad_row_naming_file_line_column_and_fix():
         load_groups(DataConfig(BAD, cache_dir=None), make_tokenizer())
     message = str(e.value)
     assert message.startswith(f"{BAD}: line 2, column prompt: prompt is empty (remove the row or fill in the text)")
-    assert "(6 more bad rows in this dataset.)" in message and "on_bad_row='skip'" in message
+    assert "; 6 more bad rows in this dataset. Fix the data" in message
+    assert "\n" not in message and "on_bad_row='skip'" in message
 
 
 def test_skip_reports_every_bad_row_and_why():

@@ -126,3 +126,13 @@ def test_unknown_keys_name_where_they_came_from(tmp_path):
     bad.write_text(write_config(tmp_path).read_text() + "lerning_rate: 1\n")
     with pytest.raises(ConfigError, match=f"`lerning_rate` in {bad}"):
         load_stages(bad)
+
+
+def test_command_line_keys_win_over_the_file_and_its_stages(tmp_path):
+    """`--key value` overrides the key in every stage, also where a stage sets it (docs/training.md)."""
+    from conftest import ROOT
+
+    sft, pref = load_stages(ROOT / "examples" / "quickstart.yaml",
+                            ["--output_dir", str(tmp_path), "--learning_rate", "5.0e-4", "--sft.learning_rate", "0.1"])
+    assert (sft.learning_rate, pref.learning_rate) == (0.1, 5e-4)  # both stages set learning_rate in the file
+    assert pref.model_name_or_path == str(tmp_path / "0-sft" / "final")  # still chained

@@ -17,6 +17,14 @@ COMMANDS = {
 }
 
 
+def name_mapping(text: str) -> tuple[str, str]:
+    """``--column-map chosen=good`` -> ``("chosen", "good")`` (an argparse type)."""
+    key, eq, value = text.partition("=")
+    if not (key and eq and value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=COLUMN")
+    return key, value
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported, so one subcommand's dependencies never
     stand in the way of another."""

@@ -278,6 +278,7 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
     stages = raw.pop("stages", None) or [{}]
     _check_keys(list(raw), str(path))
     top = dict(raw)
+    every: dict[str, Any] = {}  # --key value: every stage, over what the file and its stages say
     per_stage: dict[str, dict[str, Any]] = {}
     for key, value in parse_overrides(overrides).items():
         if "." in key:
@@ -285,11 +286,11 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
             per_stage.setdefault(name, {})[sub] = value
         else:
             _check_keys([key], "the command line (--" + key + ")")
-            top[key] = value
+            every[key] = value
     configs = []
     for i, stage in enumerate(stages):
         _check_keys(list(stage), f"stages[{i}]")
-        merged = {**top, **stage}
+        merged = {**top, **stage, **every}
         name = merged.get("stage", "preference")
         _check_keys(list(per_stage.get(name, {})), f"the command line (--{name}.*)")
         merged.update(per_stage.get(name, {}))
@@ -298,7 +299,8 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
             if i > 0 and "model_name_or_path" not in stage:
                 merged["model_name_or_path"] = str(Path(configs[-1].output_dir) / "final")
                 merged.setdefault("tokenizer_name_or_path", configs[-1].tokenizer_name_or_path)
-        unknown_stage = set(per_stage) - {s.get("stage", top.get("stage", "preference")) for s in stages}
+        unknown_stage = set(per_stage) - {s.get("stage", every.get("stage", top.get("stage", "preference")))
+                                          for s in stages}
         if unknown_stage:
             raise ConfigError(f"overrides for stage(s) {sorted(unknown_stage)}, which the config does not have")
         try:

@@ -17,16 +17,10 @@ from typing import Any
 
 import yaml
 
+from prefixpo.cli import name_mapping
 from prefixpo.data import DataConfig, DataError, load_groups
 from prefixpo.data.config import FORMATS, ON_BAD_ROW, TRUNCATION
 from prefixpo.data.stats import stats_of
-
-
-def _mapping(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=COLUMN")
-    key, value = text.split("=", 1)
-    return key, value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=s, choices=FORMATS)
     parser.add_argument("--split", default=s)
     parser.add_argument("--subset", default=s, help="hub dataset config name")
-    parser.add_argument("--column-map", default=s, type=_mapping, action="append", metavar="NAME=COLUMN",
+    parser.add_argument("--column-map", default=s, type=name_mapping, action="append", metavar="NAME=COLUMN",
                         help="map a canonical column to a dataset column (repeatable), e.g. chosen=good")
-    parser.add_argument("--role-map", default=s, type=_mapping, action="append", metavar="ROLE=ROLE")
+    parser.add_argument("--role-map", default=s, type=name_mapping, action="append", metavar="ROLE=ROLE")
     parser.add_argument("--max-samples", default=s, type=int)
     parser.add_argument("--shuffle", default=s, action="store_true", help="shuffle by --seed before --max-samples")
     parser.add_argument("--seed", default=s, type=int)

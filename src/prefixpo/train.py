@@ -723,7 +723,12 @@ ACCEPTS_OVERRIDES = True  # every other --key value is a config override
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from prefixpo.cli import name_mapping
+
     parser.add_argument("--config", help="YAML config (see docs/training.md)")
+    parser.add_argument("--column-map", type=name_mapping, action="append", default=[], metavar="NAME=COLUMN",
+                        help="map a canonical column to a dataset column (repeatable), e.g. chosen=good: the column "
+                             "map of every dataset that has none of its own (data: {column_map: ...})")
     parser.epilog = ("Any other --key value overrides a config key in every stage; --STAGE.key value (e.g. "
                      "--sft.learning_rate 1e-5) overrides it in one stage. --resume_from_checkpoint latest "
                      "resumes from the newest checkpoint.")
@@ -734,6 +739,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         stages = load_stages(args.config, args.overrides)
+        if args.column_map:  # over every stage's default column map
+            for cfg in stages:
+                cfg.data = {**cfg.data, "column_map": {**cfg.data.get("column_map", {}), **dict(args.column_map)}}
         plans = plan_stages(stages)  # before anything loads: never overwrite a run, nothing to resume
     except ConfigError as err:
         print(f"prefixpo train: {err}", file=sys.stderr)

@@ -48,9 +48,9 @@ class BadRow:
 def bad_row_error(source: str, bad: BadRow, total_bad: int, unit: str = "row") -> DataError:
     """The error raised for the first bad row under ``on_bad_row="error"``.
 
-    >>> str(bad_row_error("d.jsonl", BadRow(3, "identical", "chosen", "same text"), 2)).splitlines()[0]
-    'd.jsonl: row 3, column chosen: same text'
+    >>> str(bad_row_error("d.jsonl", BadRow(3, "identical", "chosen", "same text"), 2)).split(". ")[0]
+    'd.jsonl: row 3, column chosen: same text; 1 more bad rows in this dataset'
     """
-    more = f"\n({total_bad - 1} more bad rows in this dataset.)" if total_bad > 1 else ""
-    return DataError(f"{source}: {bad.describe(unit)}{more}\nFix the data, or pass on_bad_row='skip' "
+    more = f"; {total_bad - 1} more bad rows in this dataset" if total_bad > 1 else ""
+    return DataError(f"{source}: {bad.describe(unit)}{more}. Fix the data, or pass on_bad_row='skip' "
                      f"(--on-bad-row skip) to skip bad rows and report them.")

@@ -89,9 +89,9 @@ def resolve_columns(columns: list[str], fmt: str, column_map: dict[str, str]) ->
             hints.append(f"column_map maps {canon!r} to {actual!r}, which is not a column")
     what = "detect the format" if fmt == "auto" else f"read format {fmt!r}"
     needs = "; ".join(f"{n}: " + " or ".join("+".join(r) for r in alts) for n, alts in candidates.items())
-    raise DataError(f"cannot {what} from columns {columns}. Needed columns, by format: {needs}."
-                    + "".join(f"\n- {h}" for h in hints)
-                    + "\nRename the columns, or map them with column_map (--column-map chosen=good).")
+    raise DataError(f"cannot {what} from columns {columns}. Needed columns, by format: {needs}"
+                    + "".join(f"; {h}" for h in hints)
+                    + ". Rename the columns, or map them with column_map (--column-map chosen=good).")
 
 
 def _get(row: dict[str, Any], cols: dict[str, str], name: str) -> Any:
