@@ -1,6 +1,7 @@
 """Dataset mixtures: several datasets, each with its own options, loaded as one list of groups.
 
-A training config's ``dataset`` (and ``eval_dataset``) is a string -- one dataset -- or a list.
+A training config's ``dataset`` (and ``eval_dataset``) is a string -- one dataset -- or a list
+(or one mapping: one dataset with options).
 Each item of the list is a string (a file, a ``save_to_disk`` directory or a hub name: all its
 rows, the default options) or a mapping with ``path`` and per-dataset keys. The run's data keys
 (``dataset_split``, ``dataset_format``, ``max_samples``, ``max_length``, ``on_bad_row``, the
@@ -173,7 +174,7 @@ def check_entry(item: Any, where: str) -> dict[str, Any]:
 
 
 def check_sources(value: Any, key: str = "dataset") -> list[dict[str, Any]]:
-    """The entries of a ``dataset`` value (a string or a list), each a mapping with ``path``.
+    """The entries of a ``dataset`` value (a string, one mapping, or a list), each a mapping with ``path``.
 
     >>> check_sources("a.jsonl"), check_sources(["a.jsonl", {"path": "b.jsonl", "weight": 0.5}])
     ([{'path': 'a.jsonl'}], [{'path': 'a.jsonl'}, {'path': 'b.jsonl', 'weight': 0.5}])
@@ -182,9 +183,11 @@ def check_sources(value: Any, key: str = "dataset") -> list[dict[str, Any]]:
         if not value:
             raise MixtureError(key, "is empty; give a data file, a save_to_disk directory or a hub name")
         return [{"path": value}]
+    if isinstance(value, dict):  # one dataset with options
+        return [check_entry(value, key)]
     if not isinstance(value, list):
-        raise MixtureError(key, "must be a path or hub name, or a list of them (strings or mappings with "
-                                f"`path`), got {_name(value)}")
+        raise MixtureError(key, "must be a path or hub name, a mapping with `path`, or a list of them, "
+                                f"got {_name(value)}")
     if not value:
         raise MixtureError(key, "is an empty list; give at least one dataset")
     return [check_entry(item, f"{key}[{i}]") for i, item in enumerate(value)]
@@ -205,7 +208,7 @@ def resolve_sources(value: Any, defaults: dict[str, Any], key: str = "dataset") 
     """The ``DataConfig`` of each dataset of ``value``: ``defaults`` (DataConfig keys) overridden by
     the entry's own keys. Raises ``MixtureError`` (a ``DataError``) naming the key path."""
     entries = check_sources(value, key)
-    where = [key if isinstance(value, str) else f"{key}[{i}]" for i in range(len(entries))]
+    where = [f"{key}[{i}]" if isinstance(value, list) else key for i in range(len(entries))]
     return [_data_config(e, defaults, w) for e, w in zip(entries, where, strict=True)]
 
 
