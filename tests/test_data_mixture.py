@@ -283,3 +283,16 @@ def test_a_bad_per_dataset_key_exits_2_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "prefixpo train: config key `dataset[1].colum_map`: unknown per-dataset key; did you mean `column_map`?"]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_yaml_examples_of_the_docs_are_valid_configs():
+    text = (ROOT / "docs" / "training.md").read_text()
+    section = text[text.index("## Datasets and mixtures"):text.index("## What a step does")]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        assert len(TrainConfig(**yaml.safe_load(block)).validate().data_sources()) >= 2
+    forum = TrainConfig(**yaml.safe_load(blocks[1])).validate()
+    assert [c.fraction for c in forum.data_sources()] == [None, 0.25, None]
+    assert forum.data_sources(evaluation=True)[0].column_map == {"prompt": "query", "chosen": "better",
+                                                                 "rejected": "worse"}
