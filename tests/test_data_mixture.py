@@ -131,6 +131,7 @@ def test_weight_is_drawn_by_seed(tmp_path):
     (["a", 3], "config key `dataset[1]`: must be a path or hub name, or a mapping with `path`, got int 3"),
     (3, "config key `dataset`: must be a path or hub name, a mapping with `path`, or a list of them, got int 3"),
     ([], "config key `dataset`: is required"),
+    ({"path": "a", "colum_map": {}}, "config key `dataset.colum_map`: unknown per-dataset key; did you mean"),
     ([{"path": ""}], "config key `dataset[0].path`: must be a non-empty string"),
     ([{"path": "a", "column_map": {"prompt": 3}}], "config key `dataset[0].column_map`: must map names to names"),
     ([{"path": "a", "max_samples": 0}], "config key `dataset[0].max_samples`: must be a positive integer"),
