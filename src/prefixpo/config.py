@@ -44,10 +44,10 @@ class TrainConfig:
     tokenizer_name_or_path: str | None = None
     trust_remote_code: bool = False
     stage: str = "preference"
-    dataset: str = ""
+    dataset: str | list[Any] = ""  # one dataset, or a mixture: a list of paths / {path: ..., weight: ...}
     dataset_split: str = "train"
     dataset_format: str | None = None
-    eval_dataset: str | None = None
+    eval_dataset: str | list[Any] | None = None
     eval_split: str | None = None
     max_samples: int | None = None
     data: dict[str, Any] = field(default_factory=dict)  # further DataConfig keys (column maps, ...)
@@ -123,9 +123,9 @@ class TrainConfig:
         if not self.model_name_or_path:
             raise bad("model_name_or_path", "is required (a hub name, a local directory, or a directory "
                       "holding only config.json for random weights)")
-        if not self.dataset:
+        if self.dataset in ("", None, []):
             raise bad("dataset", "is required (a local json/jsonl/parquet/csv file, a saved dataset "
-                      "directory, or a hub dataset name)")
+                      "directory, or a hub dataset name; or a list of them)")
         choices = {"stage": STAGES, "lr_scheduler_type": SCHEDULERS, "reference_mode": REFERENCE_MODES,
                    "attention_backend": ("auto", "sdpa", "flex"), "on_bad_row": ("error", "skip")}
         for key, allowed in choices.items():
@@ -168,6 +168,7 @@ class TrainConfig:
                 raise bad("load_in_4bit", "4-bit base weights train only adapters: set use_peft: true")
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise bad("load_in_4bit", "needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU")
+        self._validate_data()
         if self.stage == "preference":
             from prefixpo.losses import get_loss
 
@@ -182,6 +183,35 @@ class TrainConfig:
             except ValueError as err:
                 raise bad("pair_strategy", str(err)) from None
         return self
+
+    def _validate_data(self) -> None:
+        from prefixpo.data import DataConfig, DataError
+
+        try:
+            DataConfig.from_dict({**self.data_defaults(), "dataset": "-"})
+        except DataError as err:
+            where = "`data`" if str(err).startswith("unknown data config key") else "keys"
+            raise ConfigError(f"data config {where}: {err}") from None
+        try:
+            self.data_sources()
+            if self.eval_dataset is not None:
+                self.data_sources(evaluation=True)
+        except DataError as err:  # a MixtureError, naming the key path
+            raise ConfigError(str(err)) from None
+
+    def data_defaults(self, evaluation: bool = False) -> dict[str, Any]:
+        """The DataConfig keys every train (or eval) dataset starts from: the run's data keys and ``data``."""
+        split = (self.eval_split or self.dataset_split) if evaluation else self.dataset_split
+        return {"split": split, "format": self.dataset_format or "auto", "max_samples": self.max_samples,
+                "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
+                "on_bad_row": self.on_bad_row, "num_proc": self.dataset_num_proc, "seed": self.seed, **self.data}
+
+    def data_sources(self, evaluation: bool = False) -> list[Any]:
+        """The ``DataConfig`` of each train (or eval) dataset: the defaults, then its own keys."""
+        from prefixpo.data.mixture import resolve_sources
+
+        key = "eval_dataset" if evaluation else "dataset"
+        return resolve_sources(getattr(self, key), self.data_defaults(evaluation), key)
 
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``get_loss``: beta and label_smoothing where the loss has them."""

@@ -42,20 +42,18 @@ def load_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
-def load_data(cfg: TrainConfig, tokenizer, dataset: str, split: str) -> list[Group]:
-    from prefixpo.data import DataConfig, load_groups
+def load_data(cfg: TrainConfig, tokenizer, evaluation: bool = False) -> list[Group]:
+    """The train (or eval) groups of every dataset of ``dataset`` (``eval_dataset``), concatenated;
+    each dataset's report, and with several the mixture's counts, on stderr (prefixpo.data.mixture)."""
+    from prefixpo.data.mixture import load_mixture
 
-    data_cfg = DataConfig.from_dict({
-        "dataset": dataset, "split": split, "format": cfg.dataset_format or "auto",
-        "max_samples": cfg.max_samples, "max_length": cfg.max_length,
-        "max_prompt_length": cfg.max_prompt_length, "on_bad_row": cfg.on_bad_row,
-        "num_proc": cfg.dataset_num_proc, "seed": cfg.seed, **cfg.data,
-    })
-    groups, report = load_groups(data_cfg, tokenizer)
-    print(report.summary(), file=sys.stderr)
-    groups = list(groups)
-    if not groups:
-        raise TrainingError(f"dataset {dataset} (split {split}) has no usable rows")
+    mixture = load_mixture(cfg.data_sources(evaluation), tokenizer, on_report=lambda s: print(s, file=sys.stderr))
+    if len(mixture.counts) > 1:
+        print(mixture.line(), file=sys.stderr)
+    if not mixture.groups:
+        raise TrainingError(f"{'eval_dataset' if evaluation else 'dataset'} {', '.join(mixture.labels)} has no "
+                            "usable rows")
+    groups = mixture.groups
     if cfg.stage == "sft":  # SFT trains the first (chosen) response of each group
         groups = [Group(g.prompt_ids, [g.response_ids[0]]) for g in groups]
     return groups
@@ -457,9 +455,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint else None
 
     tokenizer = load_tokenizer(cfg)
-    train_groups = load_data(cfg, tokenizer, cfg.dataset, cfg.dataset_split)
-    eval_groups = load_data(cfg, tokenizer, cfg.eval_dataset, cfg.eval_split or cfg.dataset_split) \
-        if cfg.eval_dataset else []
+    train_groups = load_data(cfg, tokenizer)
+    eval_groups = load_data(cfg, tokenizer, evaluation=True) if cfg.eval_dataset else []
     if cfg.packing:
         lengths = group_lengths(train_groups, cfg)
         if max(lengths) > cfg.packing_capacity:

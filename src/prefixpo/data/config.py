@@ -27,6 +27,8 @@ class DataConfig:
       written by ``save_to_disk``. ``split``/``subset`` select a split and a hub config name.
     - ``format``: one of ``FORMATS`` (``auto`` detects it from the columns); ``column_map`` maps a
       canonical column name to the dataset's (``{"chosen": "good"}``); ``role_map`` renames roles.
+    - ``fraction``: use this fraction of the rows, in (0, 1]: ``max(1, int(fraction * rows))`` rows
+      drawn by ``seed`` (before ``max_samples``, which then caps the draw). A mixture's ``weight``.
     - ``max_length`` bounds prompt + longest response, ``max_prompt_length`` the prompt.
       ``truncation``: ``keep_end`` (keep the end of the prompt), ``keep_start``, ``drop`` (drop long
       rows, counted) or ``error`` (long rows are bad rows). Responses always keep their start.
@@ -43,6 +45,7 @@ class DataConfig:
     column_map: dict[str, str] = field(default_factory=dict)
     role_map: dict[str, str] = field(default_factory=dict)
     max_samples: int | None = None
+    fraction: float | None = None
     shuffle: bool = False
     seed: int = 0
     max_length: int | None = None
@@ -69,6 +72,9 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DataError(f"{name}={value!r} must be a positive integer")
+        if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
+                                          or not 0 < self.fraction <= 1):
+            raise DataError(f"fraction={self.fraction!r} must be a number in (0, 1]")
         if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
             raise DataError(f"max_prompt_length={self.max_prompt_length} must be less than "
                             f"max_length={self.max_length}, to leave room for the responses")

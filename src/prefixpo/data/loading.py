@@ -1,5 +1,6 @@
 """Read a dataset into rows: local JSON/JSONL/Parquet/CSV files, ``save_to_disk`` directories, or a
-hub name through ``datasets.load_dataset``; then split, shuffle by seed and cap at ``max_samples``.
+hub name through ``datasets.load_dataset``; then split, shuffle by seed, draw ``fraction`` of the rows
+and cap at ``max_samples``.
 
 Every row gets ``_row``, its 1-based number in the source (the line number for JSON lines), so
 errors can point at it. JSON is kept as raw text per row (``_json``) and parsed in the tokenization
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from dataclasses import dataclass
 
 import datasets
@@ -125,8 +127,26 @@ def _load_hub(cfg: DataConfig) -> datasets.Dataset:
     return loaded
 
 
+def fraction_count(rows: int, fraction: float) -> int:
+    """How many of ``rows`` rows a fraction keeps: ``int(fraction * rows)``, at least one.
+
+    >>> fraction_count(10, 0.25), fraction_count(100, 0.29), fraction_count(3, 0.1), fraction_count(0, 0.5)
+    (2, 29, 1, 0)
+    """
+    return min(rows, max(1, int(round(fraction * rows, 6))))  # round: 0.29 * 100 is 28.999...
+
+
+def drawn_rows(rows: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the rows a fraction keeps, drawn without replacement by ``seed``, in source order.
+
+    >>> drawn_rows(10, 0.3, seed=0) == drawn_rows(10, 0.3, seed=0), len(drawn_rows(10, 0.3, seed=0))
+    (True, 3)
+    """
+    return sorted(random.Random(seed).sample(range(rows), fraction_count(rows, fraction)))
+
+
 def load_source(cfg: DataConfig, fingerprint: str | None = None) -> Source:
-    """Load, number, shuffle (if ``cfg.shuffle``, by ``cfg.seed``) and cap the rows of a dataset."""
+    """Load, number, shuffle (if ``cfg.shuffle``, by ``cfg.seed``), draw and cap the rows of a dataset."""
     if os.path.exists(cfg.dataset):
         rows, columns = _load_local(cfg)
         fingerprint = fingerprint or local_fingerprint(cfg.dataset)
@@ -136,6 +156,8 @@ def load_source(cfg: DataConfig, fingerprint: str | None = None) -> Source:
         fingerprint = loaded._fingerprint
     if cfg.shuffle:
         rows = rows.shuffle(seed=cfg.seed)
+    if cfg.fraction is not None and cfg.fraction < 1:
+        rows = rows.select(drawn_rows(len(rows), cfg.fraction, cfg.seed))
     if cfg.max_samples is not None and cfg.max_samples < len(rows):
         rows = rows.select(range(cfg.max_samples))
     return Source(rows, cfg.dataset, columns, fingerprint)
