@@ -133,14 +133,14 @@ def test_weight_is_drawn_by_seed(tmp_path):
     ([], "config key `dataset`: is required"),
     ({"path": "a", "colum_map": {}}, "config key `dataset.colum_map`: unknown per-dataset key; did you mean"),
     ([{"path": ""}], "config key `dataset[0].path`: must be a non-empty string"),
-    ([{"path": "a", "column_map": {"prompt": 3}}], "config key `dataset[0].column_map`: must map names to names"),
-    ([{"path": "a", "max_samples": 0}], "config key `dataset[0].max_samples`: must be a positive integer"),
-    ([{"path": "a", "format": "jsonl"}], "config key `dataset[0].format`: got 'jsonl'; choose one of auto"),
+    ([{"path": "a", "column_map": {"prompt": 3}}], "config key `dataset[0].column_map`: column_map={'prompt': 3} must map names to names"),
+    ([{"path": "a", "max_samples": 0}], "config key `dataset[0].max_samples`: max_samples=0 must be a positive integer"),
+    ([{"path": "a", "format": "jsonl"}], "config key `dataset[0].format`: format='jsonl' is not one of auto"),
     ([{"path": "a", "num_proc": 4}], "config key `dataset[0].num_proc`: applies to every dataset at once: set "
                                      "`dataset_num_proc` instead"),
     ([{"path": "a", "dataset": "b"}], "config key `dataset[0].dataset`: is called `path` in a dataset entry"),
-    ([{"path": "a", "max_prompt_length": 300}], "config key `dataset[0]`: max_prompt_length=300 must be less than "
-                                                "max_length=256"),
+    ([{"path": "a", "max_prompt_length": 300}], "config key `dataset[0].max_prompt_length`: max_prompt_length=300 must "
+                                                "be less than max_length=256"),
 ])
 def test_bad_dataset_values_name_the_key_path(value, message):
     with pytest.raises(ConfigError) as err:

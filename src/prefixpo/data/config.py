@@ -59,32 +59,44 @@ class DataConfig:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise DataError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        def bad(name: str, message: str) -> DataError:
+            err = DataError(f"{name}={getattr(self, name)!r} {message}")
+            err.field = name  # type: ignore[attr-defined]  # a mixture names the key path from it
+            return err
 
-        if not self.dataset:
-            raise DataError("dataset is empty: give a hub name, a data file or a save_to_disk directory")
-        choice("format", FORMATS)
-        choice("truncation", TRUNCATION)
-        choice("on_bad_row", ON_BAD_ROW)
+        if not self.dataset or not isinstance(self.dataset, str):
+            raise bad("dataset", "is not a hub name, a data file or a save_to_disk directory")
+        for name, allowed in (("format", FORMATS), ("truncation", TRUNCATION), ("on_bad_row", ON_BAD_ROW)):
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"is not one of {', '.join(allowed)}")
         for name in ("max_samples", "max_length", "max_prompt_length", "num_proc"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise DataError(f"{name}={value!r} must be a positive integer")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise bad(name, "must be a positive integer")
+        for name, optional in (("shuffle", False), ("use_cache", False), ("use_chat_template", True)):
+            if not isinstance(getattr(self, name), bool) and not (optional and getattr(self, name) is None):
+                raise bad(name, "must be true or false" + (" (or null)" if optional else ""))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer")
         if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
                                           or not 0 < self.fraction <= 1):
-            raise DataError(f"fraction={self.fraction!r} must be a number in (0, 1]")
+            raise bad("fraction", "must be a number in (0, 1]")
         if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
-            raise DataError(f"max_prompt_length={self.max_prompt_length} must be less than "
-                            f"max_length={self.max_length}, to leave room for the responses")
-        if self.min_score_ratio is not None and self.min_score_ratio < 1:
-            raise DataError(f"min_score_ratio={self.min_score_ratio} must be at least 1")
+            raise bad("max_prompt_length", f"must be less than max_length={self.max_length}, to leave room for "
+                      "the responses")
+        if self.min_score_ratio is not None and (isinstance(self.min_score_ratio, bool) or not
+                                                 isinstance(self.min_score_ratio, (int, float)) or
+                                                 self.min_score_ratio < 1):
+            raise bad("min_score_ratio", "must be a number, at least 1")
         for name in ("column_map", "role_map"):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                       for k, v in value.items()):
-                raise DataError(f"{name} must map names to names, got {value!r}")
+                raise bad(name, "must map names to names ({prompt: question})")
+        for name in ("split", "subset"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value) and not (name == "subset" and value is None):
+                raise bad(name, "must be a non-empty string")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:

@@ -44,15 +44,16 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from prefixpo.data.config import FORMATS, ON_BAD_ROW, TRUNCATION, DataConfig
+from prefixpo.data.config import DataConfig
 from prefixpo.data.errors import DataError
 from prefixpo.data.pipeline import DataReport, load_groups
 from prefixpo.layout import Group
 
 RENAMED = {"path": "dataset", "weight": "fraction"}  # per-dataset key -> DataConfig field
+BACK = {v: k for k, v in RENAMED.items()}
 RUN_WIDE = {"num_proc": "dataset_num_proc", "cache_dir": "data.cache_dir", "use_cache": "data.use_cache"}
 
 
@@ -70,43 +71,6 @@ def _name(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _text(value: Any) -> str | None:
-    return None if isinstance(value, str) and value else f"must be a non-empty string, got {_name(value)}"
-
-
-def _optional_text(value: Any) -> str | None:
-    return None if value is None else _text(value)
-
-
-def _choice(allowed: tuple[str, ...]) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value in allowed else f"got {value!r}; choose one of {', '.join(allowed)}"
-    return check
-
-
-def _count(value: Any) -> str | None:
-    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
-    return None if ok else f"must be a positive integer, got {_name(value)}"
-
-
-def _integer(value: Any) -> str | None:
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    return None if ok else f"must be an integer, got {_name(value)}"
-
-
-def _flag(value: Any) -> str | None:
-    return None if isinstance(value, bool) else f"must be true or false, got {_name(value)}"
-
-
-def _optional_flag(value: Any) -> str | None:
-    return None if value is None else _flag(value)
-
-
-def _names(value: Any) -> str | None:
-    ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-    return None if ok else f"must map names to names ({{prompt: question}}), got {_name(value)}"
-
-
 def number(value: Any) -> float | None:
     """``value`` as a float (YAML reads ``1e-1`` as a string), or None if it is not a number."""
     if isinstance(value, bool):
@@ -119,26 +83,10 @@ def number(value: Any) -> float | None:
         return None
 
 
-def _weight(value: Any) -> str | None:
-    w = number(value)
-    if w is None or not 0 < w <= 1:
-        return (f"must be the fraction of the dataset's rows to use, in (0, 1], got {value!r} "
-                "(for a row count use max_samples)")
-    return None
-
-
-def _ratio(value: Any) -> str | None:
-    r = None if value is None else number(value)
-    return None if value is None or (r is not None and r >= 1) else f"must be a number >= 1, got {value!r}"
-
-
-CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "path": _text, "weight": _weight, "split": _text, "subset": _optional_text, "format": _choice(FORMATS),
-    "column_map": _names, "role_map": _names, "max_samples": _count, "shuffle": _flag, "seed": _integer,
-    "max_length": _count, "max_prompt_length": _count, "truncation": _choice(TRUNCATION),
-    "min_score_ratio": _ratio, "on_bad_row": _choice(ON_BAD_ROW), "use_chat_template": _optional_flag,
-}
-SOURCE_KEYS = tuple(CHECKS)  # the keys a dataset entry may set
+# the keys a dataset entry may set: `path`, `weight` and DataConfig's own per-dataset fields;
+# DataConfig checks their values, the mixture names the key path
+SOURCE_KEYS = ("path", "weight", *(f.name for f in fields(DataConfig)
+                                   if f.name not in {*RENAMED.values(), *RUN_WIDE}))
 
 
 # --- a dataset value -> per-dataset DataConfigs --------------------------------------------------
@@ -159,14 +107,18 @@ def check_entry(item: Any, where: str) -> dict[str, Any]:
         item = {"path": item}
     if not isinstance(item, dict):
         raise MixtureError(where, f"must be a path or hub name, or a mapping with `path`, got {_name(item)}")
-    for key, value in item.items():
-        if key not in CHECKS:
+    for key in item:
+        if key not in SOURCE_KEYS:
             raise MixtureError(f"{where}.{key}", _unknown(str(key)))
-        if (problem := CHECKS[key](value)) is not None:
-            raise MixtureError(f"{where}.{key}", problem)
     if "path" not in item:
         raise MixtureError(where, "a dataset mapping needs `path` (a data file, a save_to_disk directory or "
                                   f"a hub name); it has {', '.join(map(str, item)) or 'no keys'}")
+    if not isinstance(item["path"], str) or not item["path"]:
+        raise MixtureError(f"{where}.path", f"must be a non-empty string, got {_name(item['path'])}")
+    w = number(item.get("weight", 1))
+    if w is None or not 0 < w <= 1:
+        raise MixtureError(f"{where}.weight", f"must be the fraction of the dataset's rows to use, in (0, 1], got "
+                                              f"{item['weight']!r} (for a row count use max_samples)")
     if "weight" in item and "max_samples" in item:
         raise MixtureError(where, "give weight (the fraction of its rows to use) or max_samples (a row "
                                   "count), not both")
@@ -200,8 +152,10 @@ def _data_config(entry: dict[str, Any], defaults: dict[str, Any], where: str) ->
             values[name] = number(values[name])
     try:
         return DataConfig.from_dict(values)
-    except DataError as err:
-        raise MixtureError(where, str(err)) from None
+    except DataError as err:  # DataConfig names the field it refused: name it as the entry does
+        name = getattr(err, "field", None)
+        key = f"{where}.{BACK.get(name, name)}" if name and name in {*entry, *BACK} else where
+        raise MixtureError(key, str(err)) from None
 
 
 def resolve_sources(value: Any, defaults: dict[str, Any], key: str = "dataset") -> list[DataConfig]:
