@@ -1,25 +1,32 @@
-"""The README's first command, exactly as shipped: SFT then DPO on CPU, reward accuracy above 0.8."""
+"""The README's first command, exactly as typed, through the installed executable: SFT then DPO on
+CPU from a fresh directory beside the repository's examples/, reward accuracy above 0.8."""
 
 import json
+import shutil
+import subprocess
 import time
 
 from conftest import ROOT
 
-from prefixpo.cli import main
 
-
-def test_quickstart_trains_and_reward_accuracy_rises(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_quickstart_trains_and_reward_accuracy_rises(tmp_path):
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
     started = time.perf_counter()
-    code = main(["train", "--config", "examples/quickstart.yaml", "--output_dir", str(tmp_path / "quickstart"),
-                 "--disable_progress_bar", "true"])
+    done = subprocess.run([shutil.which("prefixpo") or "prefixpo", "train", "--config", "examples/quickstart.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - started
-    assert code == 0
-    run = tmp_path / "quickstart" / "1-preference"
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    run = tmp_path / "runs" / "quickstart" / "1-preference"
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "eval"]
     assert evals[0]["step"] == 0 and evals[0]["rewards/accuracies"] < 0.5
     assert evals[-1]["rewards/accuracies"] > 0.8
     assert evals[-1]["rewards/margins"] > evals[0]["rewards/margins"]
     assert (run / "final" / "model.safetensors").is_file() and (run / "curves.png").is_file()
+    assert (tmp_path / "runs" / "quickstart" / "curves.png").is_file()  # both stages in one figure
+    # what the user reads on stdout: one line per stage, with the final eval accuracy
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["stage sft done", "stage preference done"]
+    assert f"rewards/accuracies {evals[-1]['rewards/accuracies']:.4f}" in lines[-1]
     print(f"quickstart: {seconds:.0f} s, eval reward accuracy {evals[-1]['rewards/accuracies']:.2f}")
