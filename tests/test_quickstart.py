@@ -17,6 +17,8 @@ def test_quickstart_trains_and_reward_accuracy_rises(tmp_path):
     seconds = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+    # no transformers bars between the trainer's own lines (stage 2 loads stage 1's final/ weights)
+    assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr
     run = tmp_path / "runs" / "quickstart" / "1-preference"
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "eval"]
