@@ -4,6 +4,7 @@ finished run to a larger max_steps (equal to training that far at once), command
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -136,3 +137,31 @@ def test_command_line_keys_win_over_the_file_and_its_stages(tmp_path):
                             ["--output_dir", str(tmp_path), "--learning_rate", "5.0e-4", "--sft.learning_rate", "0.1"])
     assert (sft.learning_rate, pref.learning_rate) == (0.1, 5e-4)  # both stages set learning_rate in the file
     assert pref.model_name_or_path == str(tmp_path / "0-sft" / "final")  # still chained
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--adam_beta1", "1.5"], "`adam_beta1`: must be a number in [0, 1)"),
+    (["--adam_beta2", "-0.1"], "`adam_beta2`: must be a number in [0, 1)"),
+    (["--max_grad_norm", "-1"], "`max_grad_norm`: must be a number in >= 0"),
+    (["--weight_decay", "-0.01"], "`weight_decay`"),
+    (["--adam_epsilon", "nan"], "`adam_epsilon`"),
+    (["--learning_rate", "inf"], "`learning_rate`"),
+    (["--warmup_steps", "1.5"], "`warmup_steps`"),
+    (["--label_smoothing", "0.7"], "`label_smoothing`"),
+])
+def test_optimizer_values_are_checked_before_anything_loads(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_stages(write_config(tmp_path), override)
+
+
+@pytest.mark.parametrize("value", ["0", "null"])
+def test_max_grad_norm_0_or_null_means_no_clipping(tmp_path, value):
+    """As in transformers and TRL; the gradient norm is still logged, and the update equals an
+    unclipped one (a clip at 1e-9 would shrink the step by orders of magnitude)."""
+    config = str(write_config(tmp_path, max_steps=2, save_steps=None, logging_steps=1, learning_rate=1e-3))
+    runs = {}
+    for name, norm in (("none", value), ("huge", "1.0e+9")):
+        assert main(["train", "--config", config, "--max_grad_norm", norm, "--output_dir",
+                     str(tmp_path / name)]) == 0
+        runs[name] = timeless(tmp_path / name / "metrics.jsonl")
+    assert runs["none"] == runs["huge"] and runs["none"][0]["grad_norm"] > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # 0 or null: no clipping (as in transformers and TRL)
     seed: int = 42
     bf16: bool = False
     # with bf16 on one GPU or DDP: trainable weights and optimizer state in fp32, compute under autocast
@@ -144,8 +145,29 @@ class TrainConfig:
         if self.resume_from_checkpoint is not None and not isinstance(self.resume_from_checkpoint, str):
             raise bad("resume_from_checkpoint", f"got {self.resume_from_checkpoint!r}; give latest, auto or the path "
                       "of a checkpoint directory")
-        if not self.learning_rate > 0:
-            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not (number(self.learning_rate) and 0 < self.learning_rate < math.inf):
+            raise bad("learning_rate", f"must be a number > 0, got {self.learning_rate!r}")
+        if self.max_grad_norm is None:
+            self.max_grad_norm = 0.0
+        # optimizer values, checked here so a bad one stops the run before anything loads
+        ranges = {"adam_beta1": (0, 1, "[0, 1)"), "adam_beta2": (0, 1, "[0, 1)"),
+                  "adam_epsilon": (0, math.inf, ">= 0"), "weight_decay": (0, math.inf, ">= 0"),
+                  "max_grad_norm": (0, math.inf, ">= 0 (0 or null: no clipping)"),
+                  "label_smoothing": (0, 0.5, "[0, 0.5)"), "lora_dropout": (0, 1, "[0, 1)"),
+                  "pair_min_gap": (0, math.inf, ">= 0")}
+        for key, (low, high, text) in ranges.items():
+            value = getattr(self, key)
+            if not (number(value) and low <= value < high):
+                raise bad(key, f"must be a number in {text}, got {value!r}")
+        for key in ("warmup_steps", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or (key == "warmup_steps" and value < 0):
+                raise bad(key, f"must be {'a non-negative ' if key == 'warmup_steps' else 'an '}integer, got {value!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int):
+            raise bad("max_steps", f"must be an integer (-1: from num_train_epochs), got {self.max_steps!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:

@@ -662,7 +662,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             if deepspeed:  # the engine clips (gradient_clipping = max_grad_norm) and steps
                 grad_norm = optimizer_step(policy)
             else:
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                # max_grad_norm 0: no clipping, the norm is still measured and logged
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
