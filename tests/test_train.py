@@ -385,3 +385,35 @@ def stage_config(path: Path):
     from prefixpo.config import load_stages
 
     return load_stages(str(path))[0]
+
+
+def test_a_non_finite_gradient_stops_before_the_step_and_nothing_non_finite_is_saved(tmp_path, monkeypatch, capsys):
+    import prefixpo.step
+
+    real = prefixpo.step.preference_step
+    calls = {"n": 0}
+
+    def poisoned(policy, *args, **kwargs):
+        result = real(policy, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:  # a finite loss, one non-finite gradient entry
+            next(p for p in policy.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(prefixpo.step, "preference_step", poisoned)
+    assert main(["train", "--config", str(write_config(tmp_path, save_steps=2))]) == 1
+    err = capsys.readouterr().err
+    assert "the gradient norm is inf at step 5" in err and "checkpoint-4" in err
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "checkpoint-4" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (tmp_path / "run" / "checkpoint-6").exists()
+
+
+def test_an_exploding_loss_stops_the_run(tmp_path, capsys):
+    """learning_rate 1e6 used to run to the end with exit 0 and weights of 4.5e6."""
+    assert main(["train", "--config", str(write_config(tmp_path, learning_rate=1.0e6, save_steps=None))]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "stopping before the optimizer step" in err and "Lower learning_rate" in err
+    assert not (tmp_path / "run" / "final").exists()

@@ -71,6 +71,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0  # 0 or null: no clipping (as in transformers and TRL)
+    loss_spike_factor: float = 10.0  # stop when a step's loss exceeds this times its level so far (0: never)
     seed: int = 42
     bf16: bool = False
     # with bf16 on one GPU or DDP: trainable weights and optimizer state in fp32, compute under autocast
@@ -157,7 +158,7 @@ class TrainConfig:
                   "adam_epsilon": (0, math.inf, ">= 0"), "weight_decay": (0, math.inf, ">= 0"),
                   "max_grad_norm": (0, math.inf, ">= 0 (0 or null: no clipping)"),
                   "label_smoothing": (0, 0.5, "[0, 0.5)"), "lora_dropout": (0, 1, "[0, 1)"),
-                  "pair_min_gap": (0, math.inf, ">= 0")}
+                  "pair_min_gap": (0, math.inf, ">= 0"), "loss_spike_factor": (0, math.inf, ">= 0 (0: off)")}
         for key, (low, high, text) in ranges.items():
             value = getattr(self, key)
             if not (number(value) and low <= value < high):

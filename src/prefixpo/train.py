@@ -176,6 +176,55 @@ class Window:
                 **{k: v / max(self.steps, 1) for k, v in self.imbalance.items()}}
 
 
+@dataclass
+class Divergence:
+    """Signs that training diverged, from where the loss and the gradient norm have been: the loss's
+    level is the larger of the first step's loss and a running mean (so a loss that falls towards 0
+    does not make ordinary noise look like an explosion).
+
+    >>> guard = Divergence()
+    >>> guard.check_loss(0.69, 10.0) is None and guard.update(0.69, 0.43) is None
+    True
+    >>> guard.check_loss(float("nan"), 10.0), guard.check_loss(9.0, 10.0), guard.check_loss(9.0, 0.0)
+    ('the loss is nan', 'the loss jumped to 9, 13x its level so far (0.69; loss_spike_factor 10)', None)
+    >>> guard.check_gradient(float("inf"), 0.6), guard.check_gradient(0.0, 0.01), guard.check_gradient(0.0, 0.68)[:35]
+    ('the gradient norm is inf', None, 'the gradient vanished (norm 0 at th')
+    """
+
+    first_loss: float | None = None
+    mean_loss: float | None = None
+    first_grad: float | None = None
+
+    def update(self, loss: float, grad_norm: float) -> None:
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.mean_loss = loss if self.mean_loss is None else 0.9 * self.mean_loss + 0.1 * loss
+        self.first_grad = grad_norm if self.first_grad is None else self.first_grad
+
+    def check_loss(self, loss: float, factor: float) -> str | None:
+        """Why training must stop at this loss, or None: it is not finite, or (``factor`` > 0) it is
+        more than ``factor`` times the level so far."""
+        if not math.isfinite(loss):
+            return f"the loss is {loss}"
+        if factor and self.first_loss is not None:
+            level = max(self.first_loss, self.mean_loss or 0.0)
+            if level > 0 and loss > factor * level:
+                return (f"the loss jumped to {loss:.4g}, {loss / level:.0f}x its level so far ({level:.4g}; "
+                        f"loss_spike_factor {factor:g})")
+        return None
+
+    def check_gradient(self, grad_norm: float, loss: float) -> str | None:
+        """Why training must stop at this gradient norm, or None: it is not finite, or it vanished
+        (below 1e-9 of the first step's) while the loss stayed above half its first value: the
+        model's outputs saturated (a far too high learning rate does this), so nothing can train."""
+        if not math.isfinite(grad_norm):
+            return f"the gradient norm is {grad_norm}"
+        if self.first_grad and self.first_loss and grad_norm <= 1e-9 * self.first_grad \
+                and loss > 0.5 * self.first_loss:
+            return (f"the gradient vanished (norm {grad_norm:.3g} at this step, {self.first_grad:.3g} at the first) "
+                    f"while the loss stayed at {loss:.4g}: the model's outputs saturated")
+        return None
+
+
 def memory(device: torch.device) -> dict[str, float]:
     """This rank's peak GPU memory so far, in GiB (nothing on CPU)."""
     if device.type != "cuda":
@@ -622,7 +671,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     lengths = group_lengths(train_groups, cfg)
     bar = tqdm(total=total_steps, initial=step, disable=not main or cfg.disable_progress_bar,
                desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
-    window, plans = Window(), {}
+    window, plans, guard = Window(), {}, Divergence()
     last_saved = checkpoint
     policy.train()
     try:
@@ -652,19 +701,23 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             ranks = accelerator.gather(torch.tensor([[result.loss, tokens, compute_s]], dtype=torch.float64,
                                                     device=accelerator.device)).cpu()
             loss = ranks[:, 0].sum().item()
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"the loss is {loss} at step {step + 1}; stopping without saving. The last good checkpoint "
-                    f"is {last_saved or 'none (no checkpoint was saved yet)'}. Lower learning_rate, or check the "
-                    "data and bf16 settings.")
-            if step == 0 and checks_start_agreement:
-                check_start_agreement(result.metrics, cfg.beta, accelerator)
-            if deepspeed:  # the engine clips (gradient_clipping = max_grad_norm) and steps
-                grad_norm = optimizer_step(policy)
-            else:
-                # max_grad_norm 0: no clipping, the norm is still measured and logged
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-                optimizer.step()
+            stop = guard.check_loss(loss, cfg.loss_spike_factor)
+            if not stop:
+                if step == 0 and checks_start_agreement:
+                    check_start_agreement(result.metrics, cfg.beta, accelerator)
+                if deepspeed:  # the engine clips (gradient_clipping = max_grad_norm) and steps: its norm comes after
+                    grad_norm = float(optimizer_step(policy))
+                    stop = guard.check_gradient(grad_norm, loss)
+                else:  # max_grad_norm 0: no clipping; the norm is still measured, checked and logged
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+                    stop = guard.check_gradient(grad_norm, loss)  # a finite loss can have non-finite gradients
+                    if not stop:
+                        optimizer.step()
+            if stop:
+                raise TrainingError(f"{stop} at step {step + 1}; stopping before the optimizer step, without saving. "
+                                    f"The last good checkpoint is {last_saved or 'none (no checkpoint was saved yet)'}. "
+                                    "Lower learning_rate, or check the data and bf16 settings.")
+            guard.update(loss, grad_norm)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
