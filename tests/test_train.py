@@ -106,22 +106,41 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_step_saves_that_whole_step_and_resumes_exactly(tmp_path, monkeypatch, capsys, signum, code):
+    """Ctrl-C or SIGTERM (SLURM, Kubernetes) while a step runs: the step finishes (optimizer step
+    included), is checkpointed, and the run exits 128 + the signal; resumed, it ends as an
+    uninterrupted run does, in metrics and bit-identical weights."""
     import prefixpo.step
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    assert main(["train", "--config", str(write_config(whole, max_steps=8, save_steps=100))]) == 0
 
     real = prefixpo.step.preference_step
     calls = {"n": 0}
 
-    def interrupted(*args, **kwargs):
+    def signalled(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
+        if calls["n"] == 4:  # in the middle of step 4: before its forward and backward
+            os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prefixpo.step, "preference_step", interrupted)
-    assert main(["train", "--config", str(write_config(tmp_path, save_steps=100))]) == 130
-    assert "interrupted: saved" in capsys.readouterr().err
-    assert (tmp_path / "run" / "checkpoint-3" / "training_state.pt").is_file()
+    monkeypatch.setattr(prefixpo.step, "preference_step", signalled)
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    config = str(write_config(stopped, max_steps=8, save_steps=100))
+    capsys.readouterr()
+    assert main(["train", "--config", config]) == code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"prefixpo train: stopped by {signal.Signals(signum).name}: saved") and "at step 4" in err
+    assert [p.name for p in (stopped / "run").glob("checkpoint-*")] == ["checkpoint-4"]
+    assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # handlers put back
+    monkeypatch.setattr(prefixpo.step, "preference_step", real)
+    assert main(["train", "--config", config, "--resume_from_checkpoint", "latest"]) == 0
+    assert timeless(stopped / "run" / "metrics.jsonl") == timeless(whole / "run" / "metrics.jsonl")
+    a, b = final_weights(stopped / "run"), final_weights(whole / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -417,3 +436,44 @@ def test_an_exploding_loss_stops_the_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "stopping before the optimizer step" in err and "Lower learning_rate" in err
     assert not (tmp_path / "run" / "final").exists()
+
+
+def newest_step(run: Path) -> int:
+    return max((int(p.name.split("-")[1]) for p in run.glob("checkpoint-*")), default=0)
+
+
+def test_kills_at_random_moments_resume_to_identical_weights(tmp_path):
+    """Fault injection: a run saving every step is killed (SIGKILL, SIGTERM, SIGKILL) at random
+    moments once it trains (inside saves too: they take most of each step here), and restarted with
+    `--resume_from_checkpoint auto` after each kill; it ends with the uninterrupted run's metrics
+    and bit-identical weights."""
+    import random
+
+    settings = {"max_steps": 120, "save_steps": 1, "save_total_limit": 2, "max_samples": 480}
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    assert main(["train", "--config", str(write_config(whole, **settings))]) == 0
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    cmd = [sys.executable, "-m", "prefixpo.cli", "train", "--config", str(write_config(killed, **settings)),
+           "--resume_from_checkpoint", "auto"]
+    run, rng, codes = killed / "run", random.Random(0), []
+    for signum in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        start = newest_step(run)
+        deadline = time.time() + 120
+        while newest_step(run) <= start:  # training again: a checkpoint newer than the one resumed
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signum)
+        proc.wait(timeout=120)
+        codes.append(proc.returncode)
+        if proc.returncode == 143:
+            assert "stopped by SIGTERM: saved" in proc.stderr.read()
+    assert codes == [-signal.SIGKILL, 143, -signal.SIGKILL]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert timeless(run / "metrics.jsonl") == timeless(whole / "run" / "metrics.jsonl")
+    a, b = final_weights(run), final_weights(whole / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

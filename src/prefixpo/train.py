@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,7 +29,53 @@ from prefixpo.rundir import DONE_MARKER, clear_run, finished_record, plan_stages
 
 
 class TrainingError(RuntimeError):
-    """Training stopped on purpose; the message says why and what was kept."""
+    """Training stopped on purpose; the message says why and what was kept. ``exit_code``: what
+    ``prefixpo train`` exits with (1; 128 + the signal's number when a signal stopped it)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before they kill a job) during
+    training are remembered, not acted on at once: the loop finishes its step, saves a checkpoint
+    and stops, so a checkpoint never holds a half-applied optimizer step. A second signal stops at
+    once, without saving. Installed only in the main thread (where Python delivers signals).
+
+    >>> with StopSignals() as stop:
+    ...     signal.raise_signal(signal.SIGTERM)
+    ...     stop.name, stop.exit_code
+    ('SIGTERM', 143)
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # the second one: the user means now
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.received or signal.SIGINT)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -674,6 +722,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     window, plans, guard = Window(), {}, Divergence()
     last_saved = checkpoint
     policy.train()
+    signals = StopSignals().__enter__()  # from here a signal stops the run at the end of a step, with a checkpoint
     try:
         if eval_groups and step == 0:
             run_eval(0)
@@ -697,9 +746,9 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             synchronize(accelerator.device)
             compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
             tokens = sum(lengths[i] for mb in rows for row in mb for i in row)
-            # one gather: every rank's loss share, real tokens and compute time
-            ranks = accelerator.gather(torch.tensor([[result.loss, tokens, compute_s]], dtype=torch.float64,
-                                                    device=accelerator.device)).cpu()
+            # one gather: every rank's loss share, real tokens, compute time and a stop signal received
+            ranks = accelerator.gather(torch.tensor([[result.loss, tokens, compute_s, signals.received or 0]],
+                                                    dtype=torch.float64, device=accelerator.device)).cpu()
             loss = ranks[:, 0].sum().item()
             stop = guard.check_loss(loss, cfg.loss_spike_factor)
             if not stop:
@@ -743,12 +792,18 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                 run_eval(step)
             if cfg.save_steps and step % cfg.save_steps == 0:
                 last_saved = save(step)
-    except KeyboardInterrupt:
-        optimizer.zero_grad(set_to_none=True)
-        path = save(step)
+            received = int(ranks[:, 3].max().item())  # any rank's signal stops every rank at this step
+            if received:
+                path = last_saved if last_saved and last_saved.name == f"checkpoint-{step}" else save(step)
+                bar.close()
+                raise TrainingError(f"stopped by {signal.Signals(received).name}: saved {path} at step {step}; resume "
+                                    "with --resume_from_checkpoint latest", exit_code=128 + received)
+    except KeyboardInterrupt:  # a second signal: now, without a checkpoint
         bar.close()
-        raise TrainingError(f"interrupted: saved {path} at step {step}; resume with "
-                            "--resume_from_checkpoint latest") from None
+        raise TrainingError(f"stopped at once by a second {signals.name or 'interrupt'}, without saving; the last "
+                            f"checkpoint is {last_saved or 'none'}", exit_code=signals.exit_code) from None
+    finally:
+        signals.__exit__()
     bar.close()
     if cfg.save_steps and (last_saved is None or last_saved.name != f"checkpoint-{step}"):
         save(step)  # the end's checkpoint too: a finished run can be continued to a larger max_steps
@@ -815,7 +870,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except TrainingError as err:
         print(f"prefixpo train: {err}", file=sys.stderr)
-        return 130 if str(err).startswith("interrupted") else 1
+        return err.exit_code
     except torch.cuda.OutOfMemoryError as err:
         print(f"prefixpo train: CUDA out of memory ({str(err).splitlines()[0]}). Lower packing_capacity or "
               "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), turn on "
