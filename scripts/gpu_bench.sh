@@ -2,19 +2,18 @@
 # The benchmark of docs/benchmarks.md in ONE device call (under 10 minutes, compilation included):
 # training steps of llama-1b on every profile in the four modes, then the attention
 # microbenchmark. Run from the repository root on the GPU machine (torch + transformers
-# installed, package not installed, no network). Reads the profiles from
-# .carry/bench_profiles.json (or $PREFIXPO_BENCH_PROFILES); writes everything under $OUT.
+# installed, package not installed, no network). Uses the packaged profiles (or
+# $PREFIXPO_BENCH_PROFILES); writes everything under $OUT.
 # The step table is printed last.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
-PROFILES=${PREFIXPO_BENCH_PROFILES:-.carry/bench_profiles.json}
 mkdir -p "$OUT"
 export PYTHONPATH=src
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 # soft budget 400 s (no new profile x mode starts after it), hard stop 470 s; TORCH_LOGS lists
 # any recompilation (and why) in bench.log
-TORCH_LOGS=recompiles timeout 470 python -m prefixpo.cli bench --profile all --model llama-1b --profiles "$PROFILES" \
+TORCH_LOGS=recompiles timeout 470 python -m prefixpo.cli bench --profile all --model llama-1b \
     --steps 5 --warmup 2 --time-budget 400 --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
 echo "bench exit code $?"
 timeout 100 python -m prefixpo.cli bench --attention --repeats 10 \

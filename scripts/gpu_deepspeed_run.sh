@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # DeepSpeed ZeRO-3 on 2 GPUs against 1 GPU without it, the same global batch (docs/training.md
 # "Several GPUs"), in one device call on the 2-GPU machine (nvidia-h200-x2). The device image has
-# no deepspeed: carry .whl-ds/ (deepspeed 0.19.8 built with `DS_BUILD_OPS=0 pip wheel deepspeed==0.19.8
+# no deepspeed: the run needs .whl-ds/ (deepspeed 0.19.8 built with `DS_BUILD_OPS=0 pip wheel deepspeed==0.19.8
 # --no-deps`, and wheels of what it and `datasets` need; each is installed only where the image
-# lacks the module) and .carry-ds/ (the quickstart data as save_to_disk directories: JSONL loading
+# lacks the module) and .data-ds/ (the quickstart data as save_to_disk directories: JSONL loading
 # fails on the image, docs/training.md "A short run on the GPU").
 #   0. the quickstart's tiny Llama with random weights saved to disk (seed 0), in /tmp/dsrun/model
 #   1. one:       1 GPU, no DeepSpeed, fp32, accumulation 4
@@ -28,7 +28,7 @@ LAUNCH2=${LAUNCH2:-$PY -m accelerate.commands.launch --config_file examples/acce
 ENTRY=${ENTRY:--m prefixpo.cli}
 ONE_GPU=${ONE_GPU:-CUDA_VISIBLE_DEVICES=0}
 EXTRA=${EXTRA:-}
-DATA=${DATA:-.carry-ds}
+DATA=${DATA:-.data-ds}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off
 export PREFIXPO_CACHE=$WORK/cache TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"

@@ -3,7 +3,7 @@
 forward and forward+backward, for compile modes, kernel options and two ways of writing the mask
 predicate; SDPA flash (plain causal over the row) as the yardstick. Run from the repository root:
 
-    PYTHONPATH=src python scripts/gpu_flex_tune.py --profiles .carry/bench_profiles.json
+    PYTHONPATH=src python scripts/gpu_flex_tune.py
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 # shows it. Each variant trains 1 step of llama-1b (random weights saved to disk) on capybara-length
 # data; the trainer stops at step 1 with "disagree by X%" when the two differ (train.check_start_agreement),
 # so each log's last lines tell which path is broken. First, scripts/gpu_fsdp_probe.py compares one
-# batch's log-probs through every model path (plain, sharded, accelerate-prepared; flex and sdpa; grad). Run from the repository root with .carry/ and
-# .whl/ carried: OUT=$OUT bash scripts/gpu_fsdp_bisect.sh
+# batch's log-probs through every model path (plain, sharded, accelerate-prepared; flex and sdpa; grad). Run from the repository root with .data/ and
+# .whl/ present: OUT=$OUT bash scripts/gpu_fsdp_bisect.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bisect-out}
@@ -19,9 +19,9 @@ else
     export PYTHONPATH=src
 fi
 export PREFIXPO_CACHE=/tmp/prefixpo-cache TOKENIZERS_PARALLELISM=false
-$PY scripts/make_bench_model.py --profiles .carry/bench_profiles.json --out "$MODEL" --weights
+$PY scripts/make_bench_model.py --out "$MODEL" --weights
 COMMON=(train --model_name_or_path "$MODEL" --tokenizer_name_or_path examples/quickstart/tokenizer
-    --stage preference --dataset .carry/capybara --data "{use_cache: false}" --max_length 2842 --seed 0
+    --stage preference --dataset .data/capybara --data "{use_cache: false}" --max_length 2842 --seed 0
     --loss_type sigmoid --beta 0.1 --learning_rate 1e-5 --max_steps 2 --per_device_train_batch_size 1
     --gradient_accumulation_steps 2 --packing true --packing_capacity 8192 --packing_num_buckets 1
     --bf16 true --logging_steps 1 --disable_progress_bar true)

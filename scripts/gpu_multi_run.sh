@@ -15,14 +15,13 @@
 # Every part runs under `timeout` (within BUDGET seconds in all) and prints its exit code; a failed
 # part does not stop the later ones. Runs are written to /tmp/multi; only logs, metrics, the plot and
 # the summary go to $OUT. Run from the repository root: OUT=$OUT bash scripts/gpu_multi_run.sh
-# (wheels for `datasets` in .whl/, data in .carry/ as save_to_disk directories, as gpu_train_run.sh).
+# (wheels for `datasets` in .whl/, data in .data/ as save_to_disk directories, as gpu_train_run.sh).
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 OUT=${OUT:-multi-out}
 BUDGET=${BUDGET:-500}            # seconds for parts 0-5; the summary gets its own 40
 STEPS=${STEPS:-40} SAVE=${SAVE:-20} RESUME_STEPS=${RESUME_STEPS:-4} GA=${GA:-4} PLAIN_STEPS=${PLAIN_STEPS:-15}
-PROFILES=${PREFIXPO_BENCH_PROFILES:-.carry/bench_profiles.json}
 MODEL=${MODEL:-/tmp/llama-1b}
 WORK=${WORK:-/tmp/multi}
 PY=${PY:-python3}
@@ -77,16 +76,16 @@ cat "$OUT/env.txt"
 # real weights on disk (random, seed 0), as users have them: every process and both models load the
 # same tensors (a directory given in MODEL with its own config.json is used as it is)
 if [ ! -f "$MODEL/config.json" ]; then
-    timeout 120 $PY scripts/make_bench_model.py --profiles "$PROFILES" --out "$MODEL" --weights
+    timeout 120 $PY scripts/make_bench_model.py --out "$MODEL" --weights
     echo "part weights: exit $?" | tee -a "$OUT/parts.txt"
 elif ! ls "$MODEL"/*.safetensors > /dev/null 2>&1; then
     timeout 120 $PY scripts/make_bench_model.py --model "$MODEL" --out "$MODEL" --weights
     echo "part weights: exit $?" | tee -a "$OUT/parts.txt"
 fi
-TRAIN=${TRAIN:-.carry/capybara}
+TRAIN=${TRAIN:-.data/capybara}
 if [ ! -d "$TRAIN" ] && [ ! -f "$TRAIN" ]; then
     TRAIN=$WORK/capybara.jsonl
-    timeout 120 $PY scripts/make_synthetic_pairs.py --profile capybara --profiles "$PROFILES" --num 512 --out "$TRAIN"
+    timeout 120 $PY scripts/make_synthetic_pairs.py --profile capybara --num 512 --out "$TRAIN"
 fi
 
 # the same run on 1 and 2 GPUs; no eval (evaluation across ranks is checked on CPU in tests/test_train.py).

@@ -1,7 +1,7 @@
 """Profile one shared-packed benchmark step on the GPU: where the time goes (kernels by total CUDA
 time), for METHOD-style notes in docs/benchmarks.md. Run from the repository root:
 
-    PYTHONPATH=src python scripts/gpu_profile_step.py --profiles .carry/bench_profiles.json [--profile capybara]
+    PYTHONPATH=src python scripts/gpu_profile_step.py [--profile capybara]
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-train-out}
-PROFILES=${PREFIXPO_BENCH_PROFILES:-.carry/bench_profiles.json}
 mkdir -p "$OUT" /tmp/llama-1b
 if [ -d .whl ]; then
     python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -13,13 +12,13 @@ if [ -d .whl ]; then
 else
     export PYTHONPATH=src
 fi
-python scripts/make_bench_model.py --profiles "$PROFILES" --out /tmp/llama-1b
+python scripts/make_bench_model.py --out /tmp/llama-1b
 # the data: save_to_disk directories made with scripts/make_synthetic_pairs.py (see docs/training.md),
 # or made here as JSONL
-TRAIN=.carry/capybara EVAL=.carry/capybara-eval
+TRAIN=.data/capybara EVAL=.data/capybara-eval
 if [ ! -d "$TRAIN" ]; then
-    python scripts/make_synthetic_pairs.py --profile capybara --profiles "$PROFILES" --num 512 --out /tmp/capybara.jsonl
-    python scripts/make_synthetic_pairs.py --profile capybara --profiles "$PROFILES" --num 64 --seed 1 --out /tmp/capybara-eval.jsonl
+    python scripts/make_synthetic_pairs.py --profile capybara --num 512 --out /tmp/capybara.jsonl
+    python scripts/make_synthetic_pairs.py --profile capybara --num 64 --seed 1 --out /tmp/capybara-eval.jsonl
     TRAIN=/tmp/capybara.jsonl EVAL=/tmp/capybara-eval.jsonl
 fi
 PREFIXPO_CACHE=/tmp/cache python -m prefixpo.cli train --model_name_or_path /tmp/llama-1b \

@@ -19,6 +19,7 @@ import transformers
 from prefixpo.layout import Group, collate_groups
 from prefixpo.logprobs import compute_logps
 from prefixpo.modeling import apply_prefix_attention, load_causal_lm
+from prefixpo.profiles import load_profiles
 from prefixpo.verify import TOLERANCES, compare, random_groups, verification_loss
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
@@ -69,8 +70,8 @@ def llama_1b_groups(vocab: int, seed: int = 0) -> list[Group]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="verification.json")
-    parser.add_argument("--profiles", default=str(ROOT.parent / "shared" / "bench_profiles.json"),
-                        help="bench_profiles.json (the model shapes)")
+    parser.add_argument("--profiles", default=None,
+                        help="a profiles JSON file with the model shapes (default: the packaged bench_profiles.json)")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64
     env = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
@@ -88,7 +89,7 @@ def main() -> None:
             rows.append(result_row(f"tiny-{arch}", dtype, result, fd, t0))
             print(json.dumps(rows[-1]), flush=True)
     # the llama-1b shape of bench_profiles.json, random weights, bf16 and fp32, capybara-like lengths
-    spec = json.loads(Path(args.profiles).read_text())["models"]["llama-1b"]
+    spec = load_profiles(args.profiles)["models"]["llama-1b"]
     cfg = {k: v for k, v in spec.items() if k != "architecture"}
     cfg["model_type"] = "llama"
     path = Path("/tmp/llama-1b.json")

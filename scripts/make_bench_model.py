@@ -2,7 +2,7 @@
 its config.json, and with ``--weights`` random bf16 weights (seed 0) saved beside it, so that every
 process and every model of a run loads the same tensors.
 
-    PYTHONPATH=src python scripts/make_bench_model.py --profiles .carry/bench_profiles.json --out /tmp/llama-1b --weights
+    PYTHONPATH=src python scripts/make_bench_model.py --out /tmp/llama-1b --weights
 """
 
 from __future__ import annotations

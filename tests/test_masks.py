@@ -7,7 +7,7 @@ from prefixpo.masks import dense_mask, flex_block_mask
 
 
 def rule(batch, b, q, k, window=None):
-    """DESIGN.md's attention rule, written out with plain Python on one (row, query, key)."""
+    """The attention rule of docs/design.md section 1, written out with plain Python on one (row, query, key)."""
     doc, seg, pos = (t[b].tolist() for t in (batch.document_ids, batch.segment_ids, batch.position_ids))
     if k > q or doc[q] != doc[k]:
         return False

@@ -1,5 +1,4 @@
 import random
-from pathlib import Path
 
 import pytest
 
@@ -14,9 +13,7 @@ from prefixpo.packing import (
     row_length,
     split_rows_over_ranks,
 )
-from prefixpo.profiles import load_profiles, sample_lengths
-
-PROFILES = Path(__file__).resolve().parents[2] / "shared" / "bench_profiles.json"
+from prefixpo.profiles import DEFAULT_PROFILES, load_profiles, sample_lengths
 
 
 def random_lengths(n, seed, high=900):
@@ -79,10 +76,9 @@ def test_fit_group_shortens_responses_before_the_prompt():
     assert [len(r) for r in g.response_ids] == [1, 1] and g.prompt_ids == list(range(4, 10))
 
 
-@pytest.mark.skipif(not PROFILES.is_file(), reason="needs ../shared/bench_profiles.json")
 @pytest.mark.parametrize("name", ["capybara", "hh-rlhf", "metamath-dpo", "tldr", "tulu-helpsteer", "ultrafeedback"])
 def test_fill_ratio_at_8192_is_at_least_95_percent(name):
-    profiles = load_profiles(PROFILES)
+    profiles = load_profiles(DEFAULT_PROFILES)
     lengths = sample_lengths(profiles["profiles"][name], 512, seed=0)
     groups = [Group([0] * p, [[0] * r for r in rs]) for p, rs in lengths]
     config = PackingConfig(capacity=8192)

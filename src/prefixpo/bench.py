@@ -545,11 +545,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs-per-step", type=int, default=None, help="pairs per optimizer step (overrides "
                         "--rows-per-step)")
     parser.add_argument("--micro-pairs", type=int, default=4,
-                        help="pairs per micro-batch of the unpacked modes (default 4, TRL's batch in PEERS.md)")
+                        help="pairs per micro-batch of the unpacked modes (default 4, TRL's batch: docs/benchmarks.md 'The peer')")
     parser.add_argument("--num-buckets", type=int, default=4, help="packed row lengths (default 4)")
     parser.add_argument("--num-examples", type=int, default=512, help="groups sampled per profile (default 512)")
     parser.add_argument("--profiles", default=None,
-                        help="bench_profiles.json (default $PREFIXPO_BENCH_PROFILES or ../shared/bench_profiles.json)")
+                        help="a profiles JSON file (default $PREFIXPO_BENCH_PROFILES, else the bench_profiles.json shipped with prefixpo)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     parser.add_argument("--backend", choices=["auto", "flex", "sdpa"], default="auto",
                         help="prefixpo attention of the non-separate modes (auto: flex on cuda, sdpa on cpu)")
@@ -560,7 +560,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data-parallel rank counts for which to report the waiting of the other ranks for "
                              "the slowest, from measured micro-batch times (default 2 4)")
     parser.add_argument("--cudnn-sdpa", action="store_true",
-                        help="leave cuDNN SDPA on (off by default: it is slower on changing padded shapes, PEERS.md)")
+                        help="leave cuDNN SDPA on (off by default: it is slower on changing padded shapes: docs/benchmarks.md 'The peer')")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak for MFU (default: 989 dense bf16 on H100/H200 SXM; none elsewhere)")
     parser.add_argument("--lr", type=float, default=1e-5)

@@ -81,7 +81,7 @@ def keep_fp32_outputs(plugin) -> None:
     output is the ``ScoredLM``'s fp32 token log-probs: in bf16 each keeps ~3 significant digits,
     and summed per response in bf16 they stop growing at a few thousand nats (-7 + -4096 rounds
     to -4096), so policy and reference, which is not cast, disagree from step 1. A bf16 gradient
-    reduction would also round the cross-rank mean of the loss (DESIGN.md section 4).
+    reduction would also round the cross-rank mean of the loss (docs/design.md section 4).
     ``plugin``: the ``FullyShardedDataParallelPlugin`` (``accelerator.state.fsdp_plugin``).
     """
     policy = getattr(plugin, "mixed_precision_policy", None)

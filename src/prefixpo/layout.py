@@ -1,4 +1,4 @@
-"""The prefix-shared layout of a group, and batches of groups (DESIGN.md sections 1 and 5).
+"""The prefix-shared layout of a group, and batches of groups (docs/design.md sections 1 and 5).
 
 A *group* is one prompt with n >= 1 responses. Its tokens are laid out flat, every response
 restarting its positions at the prompt length::

@@ -1,4 +1,4 @@
-"""Log-probs of scored tokens only, in chunks, never materialising [tokens x vocab] (DESIGN.md section 1).
+"""Log-probs of scored tokens only, in chunks, never materialising [tokens x vocab] (docs/design.md section 1).
 
 ``scored_token_logprobs`` computes, for hidden states ``h [S, H]`` and targets ``t [S]``::
 

@@ -1,4 +1,4 @@
-"""The offline pairwise preference losses, as small pure functions registered by name (DESIGN.md section 4-5).
+"""The offline pairwise preference losses, as small pure functions registered by name (docs/design.md section 4-5).
 
 A loss sees only per-response log-probs summed over scored tokens, and the scored-token counts::
 
@@ -281,7 +281,7 @@ def rpo(p: PairLogps, beta: float = 0.1, alpha: float = 1.0) -> tuple[Tensor, Me
 
     ``loss = -logsigmoid(beta h) + alpha (-pi_c / len_c)``. alpha=1.0 as in the paper (TRL's
     ``rpo_alpha`` defaults to None = off). TRL averages the NLL over all chosen tokens of the batch;
-    here it is averaged per response, so each pair weighs the same (DESIGN.md section 4).
+    here it is averaged per response, so each pair weighs the same (docs/design.md section 4).
     """
     nll = _nll(p)
     return -F.logsigmoid(beta * _margin(p)) + alpha * nll, _dpo_metrics(p, beta, nll=nll)

@@ -1,4 +1,4 @@
-"""The attention rule, written once, and its two backends (DESIGN.md section 3).
+"""The attention rule, written once, and its two backends (docs/design.md section 3).
 
 Polarity, everywhere in this package: **True means query q may attend to key k.**
 

@@ -1,4 +1,4 @@
-"""Wiring the prefix-sharing mask into Hugging Face causal LMs (DESIGN.md section 3).
+"""Wiring the prefix-sharing mask into Hugging Face causal LMs (docs/design.md section 3).
 
 ``apply_prefix_attention(model, backend)`` checks the model, gives it a config of its own and
 routes its attention through one of two functions registered with transformers'

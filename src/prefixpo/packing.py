@@ -1,4 +1,4 @@
-"""Packing whole groups into fixed-capacity rows, and spreading rows over ranks (DESIGN.md section 2).
+"""Packing whole groups into fixed-capacity rows, and spreading rows over ranks (docs/design.md section 2).
 
 Groups are never split. Each epoch the groups are shuffled (seed + epoch), cut into windows,
 and each window is packed first-fit-decreasing, so rows fill well while the data order stays

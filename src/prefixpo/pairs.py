@@ -1,7 +1,7 @@
 """Groups with more than two responses: pairs from scores, and the Plackett-Luce listwise DPO loss.
 
 A batch numbers its responses group by group, in response order within a group, and
-``response_group [R]`` gives each response's group (DESIGN.md sections 1 and 4)::
+``response_group [R]`` gives each response's group (docs/design.md sections 1 and 4)::
 
     scores          = [[3.0, 1.0, 2.0], [5.0, 5.0]]     two groups: 3 and 2 responses
     response_group  = [0, 0, 0, 1, 1]                   flat numbering 0..4

@@ -18,11 +18,11 @@ from typing import Any
 
 from prefixpo.layout import Group
 
-DEFAULT_PROFILES = Path(__file__).resolve().parents[3] / "shared" / "bench_profiles.json"
+DEFAULT_PROFILES = Path(__file__).resolve().parent / "bench_profiles.json"  # shipped as package data
 
 
 def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The profiles file: ``path``, else ``$PREFIXPO_BENCH_PROFILES``, else ``../shared/bench_profiles.json``."""
+    """The profiles file: ``path``, else ``$PREFIXPO_BENCH_PROFILES``, else the packaged ``bench_profiles.json``."""
     path = Path(path or os.environ.get("PREFIXPO_BENCH_PROFILES") or DEFAULT_PROFILES)
     if not path.is_file():
         raise FileNotFoundError(f"no bench profiles at {path}; pass --profiles PATH or set PREFIXPO_BENCH_PROFILES")

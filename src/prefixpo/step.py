@@ -1,4 +1,4 @@
-"""One optimizer step's loss, normalised so packing cannot change it (DESIGN.md section 4).
+"""One optimizer step's loss, normalised so packing cannot change it (docs/design.md section 4).
 
 A preference loss is the mean over **all pairs of the step**: across micro-batches, packed rows
 and data-parallel ranks. Before the first backward the step counts its pairs on every rank and

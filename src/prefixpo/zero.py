@@ -8,7 +8,7 @@ gradient accumulation, clipping and the optimizer step. So under DeepSpeed the t
   accumulation steps, gradient clipping, and gathering the weights for saving (ZeRO-3);
 - backpropagates each micro-batch through ``engine.backward`` *without* its division by the
   accumulation steps (``engine_backward``): ``preference_step`` already scales every micro-batch
-  to its share of the mean over all pairs of the step (DESIGN.md section 4), and the engine's
+  to its share of the mean over all pairs of the step (docs/design.md section 4), and the engine's
   average over ranks is the one the step expects from any data-parallel engine;
 - tells the engine which micro-batch ends the step (``accumulation_boundary``, used as
   ``preference_step``'s ``no_sync``), since the last step of an epoch may have fewer;
