@@ -127,3 +127,16 @@ def test_csv_rows_are_numbered_without_header(tmp_path):
     path.write_text("prompt,chosen,rejected\nHi,Hello,Bye\nHi,Same,Same\n")
     with pytest.raises(DataError, match=r"d.csv: row 2, column chosen/rejected: chosen and rejected are identical"):
         load_groups(DataConfig(str(path), cache_dir=None), make_tokenizer())
+
+
+def test_no_usable_rows_is_one_line_whatever_the_cache_holds(tmp_path):
+    """Every row bad, skipped: a DataError naming the reasons, on the first call and on the second
+    (which once read an empty cached result and failed inside datasets with an IndexError)."""
+    data = tmp_path / "same.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": "same", "rejected": "same"}) + "\n" for p in "ab"))
+    cfg = DataConfig(str(data), on_bad_row="skip", cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):
+        with pytest.raises(DataError) as e:
+            load_groups(cfg, make_tokenizer())
+        assert str(e.value) == (f"{data}: no usable rows: 2 read, by reason {{'identical': 2}}. Fix the data, or "
+                                "check split, format and column_map")

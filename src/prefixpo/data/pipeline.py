@@ -178,6 +178,8 @@ def _load_cached(path: str, started: float) -> tuple[TokenizedGroups, DataReport
         return None
     with open(os.path.join(path, "report.json")) as f:
         report = DataReport.from_json(f.read())
+    if report.rows_kept == 0:  # an empty result (cached by an older version): read the data again, to say why
+        return None
     report.cache_hit, report.cache_path = True, path
     groups = TokenizedGroups(datasets.load_from_disk(os.path.join(path, "groups")))
     report.seconds = time.perf_counter() - started
@@ -230,11 +232,15 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
                        for d in details if d["status"] == "filtered"), key=lambda b: b.row)
     unit = "line" if "_json" in source.rows.column_names and source.name.endswith(".jsonl") else "row"
     if template := next((b for b in bad if b.kind == "template"), None):
-        raise DataError(f"{source.name}: {template.reason}.\nFix: {template.fix}")
+        raise DataError(f"{source.name}: {template.reason}. Fix: {template.fix}")
     if bad and cfg.on_bad_row == "error":
         raise bad_row_error(source.name, bad[0], len(bad), unit)
     kept = out.select([i for i, s in enumerate(status) if s == "ok"]).select_columns(GROUP_COLUMNS)
     report = DataReport(source.name, fmt, cols, len(out), len(kept), int(sum(out["truncated"])), bad, filtered, unit)
+    if not len(kept):  # checked before the cache: an empty dataset is an error, not a cached result
+        reasons = report.counts(bad + filtered)
+        raise DataError(f"{source.name}: no usable rows: {len(out)} read" + (f", by reason {reasons}" if reasons else "")
+                        + ". Fix the data, or check split, format and column_map")
     if info is None:
         report.seconds = time.perf_counter() - started
         return None, report
