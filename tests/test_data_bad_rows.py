@@ -93,7 +93,8 @@ def test_identical_responses_in_ranked(tmp_path):
 
 def test_ranked_ties_and_too_few(tmp_path):
     rows = [{"prompt": "Hi", "responses": ["A", "B"], "scores": [2, 2]}, {"prompt": "Hi", "responses": ["A"],
-                                                                         "scores": [1]}]
+                                                                         "scores": [1]},
+            {"prompt": "Yo", "responses": ["A", "B"], "scores": [1, 2]}]  # one usable row
     _, report = load_groups(DataConfig(write(tmp_path, rows), cache_dir=None, on_bad_row="skip"), make_tokenizer())
     assert [(b.row, b.kind) for b in report.bad_rows] == [(1, "no_pair"), (2, "too_few_responses")]
 
