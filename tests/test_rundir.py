@@ -165,3 +165,22 @@ def test_max_grad_norm_0_or_null_means_no_clipping(tmp_path, value):
                      str(tmp_path / name)]) == 0
         runs[name] = timeless(tmp_path / name / "metrics.jsonl")
     assert runs["none"] == runs["huge"] and runs["none"][0]["grad_norm"] > 0
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path):
+    """Two runs started into one folder at once: the second stops (exit 2, one line naming the
+    first's pid) before writing anything; once the first ends, its lock is gone."""
+    import os
+    import shutil
+    import subprocess
+
+    from prefixpo.rundir import RunLock
+
+    config = str(write_config(tmp_path, **SHORT))
+    cmd = [shutil.which("prefixpo") or "prefixpo", "train", "--config", config]
+    with RunLock(tmp_path / "run"):  # a run in progress
+        busy = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert busy.returncode == 2 and len(busy.stderr.strip().splitlines()) == 1
+    assert f"another run is writing to this output_dir (pid {os.getpid()} on" in busy.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0  # the lock went with its holder

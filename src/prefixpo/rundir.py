@@ -16,7 +16,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from prefixpo.checkpoint import list_checkpoints
 from prefixpo.config import ConfigError, TrainConfig
 
 DONE_MARKER = "training_done.json"
+LOCK_FILE = ".prefixpo.lock"
 # what a run writes into its output_dir (config.yaml alone is no run: it is written before anything loads)
 RUN_FILES = ("metrics.jsonl", "final", DONE_MARKER, "samples", "curves.png", "config.yaml")
 RUN_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", "events.out.tfevents.*")
@@ -149,3 +153,57 @@ def plan_stages(stages: list[TrainConfig]) -> list[StagePlan]:
     for cfg in stages:
         plans.append(plan_stage(cfg, continuing=any(p.action in ("resume", "skip") for p in plans)))
     return plans
+
+
+class RunLock:
+    """One run at a time writes into an ``output_dir``: an exclusive ``flock`` on
+    ``output_dir/.prefixpo.lock``, held while a stage trains. The operating system lets it go when
+    the process ends, however it ends, so a killed run never leaves a stale lock. ``held`` is false
+    where there is nothing to lock: a process other than the main one of a launched run, or a system
+    without ``fcntl``.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with RunLock(d) as lock:
+    ...     try:
+    ...         RunLock(d).__enter__()
+    ...     except ConfigError as err:
+    ...         print(str(err).split(" (")[0], "|", lock.held)
+    another run is writing to this output_dir | True
+    """
+
+    def __init__(self, output_dir: str | Path, main: bool = True):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.main = main
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return self
+        if not self.main:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"another run is writing to this output_dir ({holder}; lock {self.path}): wait for it "
+                              "to end, or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases the flock
+            self.fd = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ import torch
 from prefixpo.config import ConfigError, TrainConfig, load_stages, save_config
 from prefixpo.layout import Batch, Group, build_batch, layout_group, round_up
 from prefixpo.packing import PackingConfig, bucket_lengths, packing_stats, plan_epoch, row_length
-from prefixpo.rundir import DONE_MARKER, clear_run, finished_record, plan_stages
+from prefixpo.rundir import DONE_MARKER, RunLock, clear_run, finished_record, plan_stages
 
 
 class TrainingError(RuntimeError):
@@ -858,10 +859,12 @@ def run(args: argparse.Namespace) -> int:
                 print(plan.note, file=sys.stderr)
             if plan.action == "skip":
                 continue
-            if plan.clear:
-                clear_run(cfg.output_dir)
             cfg.resume_from_checkpoint = plan.checkpoint
-            done = train_stage(cfg)
+            # the main process (of a launched run: RANK 0) holds the directory while the stage trains
+            with RunLock(cfg.output_dir, main=os.environ.get("RANK", "0") == "0"):
+                if plan.clear:
+                    clear_run(cfg.output_dir)
+                done = train_stage(cfg)
             print(f"stage {cfg.stage} done: {describe_done(done, Path(cfg.output_dir))}")
         if len(stages) > 1:
             plot_quietly(Path(stages[0].output_dir).parent)  # every stage in one figure
