@@ -24,10 +24,12 @@ into fp32 weights. ``training_state.pt`` records which kind a checkpoint is (``s
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "training_state.pt"
+MANIFEST = "manifest.json"  # every file of a checkpoint with its size and CRC-32, checked before a resume
 SHARDED_DIR = "sharded"  # FSDP: the optimizer shards and per-rank RNG states
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed: the engine's checkpoint and per-rank RNG states
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -88,6 +91,7 @@ def finish_checkpoint(output_dir: Path, step: int, state: dict[str, Any], save_t
     marks a finished checkpoint), rename into place and drop the oldest beyond ``save_total_limit``."""
     final, tmp = checkpoint_dirs(output_dir, step)
     torch.save(state, tmp / STATE_FILE)
+    write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -196,5 +200,62 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: a file missing, cut short or changed since it was saved."""
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "crc32": "8 hex digits"}`` of a file (CRC-32 finds damaged and truncated
+    files at several GB/s; it is not a defence against deliberate changes)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return {"bytes": path.stat().st_size, "crc32": f"{crc:08x}"}
+
+
+def write_manifest(directory: Path) -> None:
+    """``directory/manifest.json``: every file under ``directory`` (subdirectories included) with its digest."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(directory)): file_digest(p) for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=0))
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """What is wrong with a checkpoint, in one line, or None when every file of its manifest is there
+    with its size and CRC-32. A checkpoint written before manifests existed is not checked (None).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "w.bin").write_bytes(b"abc"); write_manifest(d)
+    >>> verify_checkpoint(d) is None
+    True
+    >>> _ = (d / "w.bin").write_bytes(b"abd"); verify_checkpoint(d).split(": ", 1)[1]
+    'w.bin changed since it was saved (CRC-32 ab40d461, saved 352441c2)'
+    """
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"{directory} is damaged: {MANIFEST} cannot be read ({err})"
+    for name, saved in manifest.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{directory} is damaged: {name} is missing"
+        now = file_digest(file)
+        if now["bytes"] != saved["bytes"]:
+            return f"{directory} is damaged: {name} has {now['bytes']} bytes, {saved['bytes']} when it was saved"
+        if now["crc32"] != saved["crc32"]:
+            return (f"{directory} is damaged: {name} changed since it was saved (CRC-32 {now['crc32']}, "
+                    f"saved {saved['crc32']})")
+    return None
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
+    try:
+        return torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
+    except Exception as err:  # cut short, or not a training state at all
+        raise CheckpointError(f"{checkpoint / STATE_FILE} cannot be read ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'no detail'}); resume from another "
+                              "checkpoint") from None
