@@ -67,7 +67,7 @@ def resolve(args: argparse.Namespace) -> tuple[DataConfig, str | None]:
             raise DataError(f"cannot read --config {args.config}: {e}") from None
         if not isinstance(values, dict):
             raise DataError(f"{args.config}: expected a mapping of DataConfig keys")
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "json", "_module", "command")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "json", "_module", "command", "overrides")}
     for key in ("column_map", "role_map"):
         if key in flags:
             flags[key] = dict(flags[key])
