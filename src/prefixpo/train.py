@@ -718,13 +718,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixpo.data.errors import DataError
-
     try:
         stages = load_stages(args.config, args.overrides)
+        from prefixpo.sources import check_stages  # every model, tokenizer, dataset, checkpoint: fail fast
+
+        check_stages([c for c in stages if not ((Path(c.output_dir) / DONE_MARKER).is_file()
+                                                and c.resume_from_checkpoint)])
     except ConfigError as err:
         print(f"prefixpo train: {err}", file=sys.stderr)
         return 2
+    from prefixpo.data.errors import DataError  # after the checks: it imports datasets (a second or more)
+
     try:
         for cfg in stages:
             if (Path(cfg.output_dir) / DONE_MARKER).is_file() and cfg.resume_from_checkpoint:
