@@ -74,9 +74,18 @@ def looks_like_path(value: str) -> bool:
 
 
 def offline(kind: Kind) -> str | None:
-    """The environment variable that puts ``kind`` in offline mode, if one is set."""
+    """The setting that puts ``kind`` in offline mode, if one is on: the environment variable, or
+    the flag huggingface_hub (and datasets, once imported) read from it."""
+    import sys
+
+    from huggingface_hub import constants
+
     names = ["HF_HUB_OFFLINE"] + (["HF_DATASETS_OFFLINE"] if kind == "dataset" else ["TRANSFORMERS_OFFLINE"])
-    return next((n for n in names if os.environ.get(n, "").strip().lower() in _TRUE), None)
+    found = next((n for n in names if os.environ.get(n, "").strip().lower() in _TRUE), None)
+    if found is None and (constants.HF_HUB_OFFLINE or (kind == "dataset" and "datasets.config" in sys.modules
+                                                       and getattr(sys.modules["datasets.config"], "HF_HUB_OFFLINE", False))):
+        found = "HF_HUB_OFFLINE"
+    return found
 
 
 def in_cache(name: str, kind: Kind) -> bool:
