@@ -62,7 +62,7 @@ def test_unknown_hub_name_or_file_type(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail at once
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError, match="is not a local file or directory, and loading it with datasets.load_dataset"):
+    with pytest.raises(DataError, match="no-such-dataset-xyz is not in the local Hugging Face cache and offline mode"):
         groups_of("no-such-owner-xyz/no-such-dataset-xyz")
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(DataError, match=r"unknown file type '.txt'"):

@@ -47,8 +47,9 @@ def test_prepare_bad_input_exits_2_with_message(tmp_path, capsys):
                 "--on-bad-row", "skip"]) == 0
     assert "7 bad (skipped)" in capsys.readouterr().out
     assert run(["--dataset", str(tmp_path / "missing.jsonl"), "--tokenizer", tok]) == 2
+    assert "--dataset: no local file" in capsys.readouterr().err
     assert run(["--dataset", str(FIXTURES / "explicit_strings.jsonl"), "--tokenizer", str(tmp_path / "nope")]) == 2
-    assert "cannot load tokenizer" in capsys.readouterr().err
+    assert f"--tokenizer: no local directory {tmp_path / 'nope'} (and it is not a Hub name)" in capsys.readouterr().err
 
 
 def test_prepare_from_yaml_config_with_flag_override(tmp_path, capsys):

@@ -55,7 +55,7 @@ def test_verify_flex_on_cpu_compares_logps_only(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "no/such/dir/config.json"], "cannot load model"),
+    (["--model", "no/such/dir/config.json"], "--model: no local file no/such/dir/config.json"),
     (["--model", str(CONFIGS / "tiny-llama.json"), "--num-responses", "0"], "at least 1"),
     (["--model", str(CONFIGS / "tiny-llama.json"), "--device", "cuda"], "no CUDA device"),
 ])

@@ -61,7 +61,7 @@ def resolve(args: argparse.Namespace) -> tuple[DataConfig, str | None]:
             raise DataError(f"cannot read --config {args.config}: {e}") from None
         if not isinstance(values, dict):
             raise DataError(f"{args.config}: expected a mapping of DataConfig keys")
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "json", "_module", "command")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "json", "_module", "command", "overrides")}
     for key in ("column_map", "role_map"):
         if key in flags:
             flags[key] = dict(flags[key])
@@ -80,9 +80,22 @@ def load_tokenizer(name: str) -> Any:
         raise DataError(f"cannot load tokenizer {name!r}: {type(e).__name__}: {e}") from None
 
 
+def check_sources(cfg: DataConfig, tokenizer: str | None) -> None:
+    """Fail in a second, in one line, on a dataset or tokenizer that is neither local nor reachable."""
+    from prefixpo.sources import SourceError, check_dataset, check_tokenizer
+
+    try:
+        check_dataset(cfg.dataset, "--dataset")
+        if tokenizer:
+            check_tokenizer(tokenizer, "--tokenizer")
+    except SourceError as e:
+        raise DataError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg, tokenizer_name = resolve(args)
+        check_sources(cfg, tokenizer_name)
         tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
         groups, report = load_groups(cfg, tokenizer)
     except DataError as e:

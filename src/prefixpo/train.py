@@ -842,24 +842,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixpo.data.errors import DataError
-
     try:
         stages = load_stages(args.config, args.overrides)
         if args.column_map:  # over every stage's default column map
             for cfg in stages:
                 cfg.data = {**cfg.data, "column_map": {**cfg.data.get("column_map", {}), **dict(args.column_map)}}
-        plans = plan_stages(stages)  # before anything loads: never overwrite a run, nothing to resume
+        plans = plan_stages(stages)  # never overwrite a run, nothing to resume: before anything loads
+        for cfg, plan in zip(stages, plans):
+            cfg.resume_from_checkpoint = plan.checkpoint
+        from prefixpo.sources import check_stages  # every model, tokenizer, dataset, checkpoint: fail fast
+
+        check_stages([cfg for cfg, plan in zip(stages, plans) if plan.action != "skip"])
     except ConfigError as err:
         print(f"prefixpo train: {err}", file=sys.stderr)
         return 2
+    from prefixpo.data.errors import DataError  # after the checks: it imports datasets (a second or more)
+
     try:
         for cfg, plan in zip(stages, plans):
             if plan.note:
                 print(plan.note, file=sys.stderr)
             if plan.action == "skip":
                 continue
-            cfg.resume_from_checkpoint = plan.checkpoint
             # the main process (of a launched run: RANK 0) holds the directory while the stage trains
             with RunLock(cfg.output_dir, main=os.environ.get("RANK", "0") == "0"):
                 if plan.clear:

@@ -237,6 +237,12 @@ def run(args: argparse.Namespace) -> int:
     if backend == "flex" and args.device == "cpu" and with_grads:
         print("note: FlexAttention has no backward pass on CPU; comparing log-probs only", file=sys.stderr)
         with_grads = False
+    from prefixpo.sources import SourceError, check_model
+
+    try:
+        check_model(args.model, "--model", config_file=True)
+    except SourceError as err:
+        return _bad_arguments(str(err))
     try:
         model = load_causal_lm(args.model, args.dtype, args.device, args.seed, args.trust_remote_code,
                                attn_implementation=args.oracle_attention)

@@ -119,6 +119,12 @@ def _load_local(cfg: DataConfig) -> tuple[datasets.Dataset, list[str]]:
 
 
 def _load_hub(cfg: DataConfig) -> datasets.Dataset:
+    from prefixpo.sources import SourceError, check_dataset
+
+    try:  # a missing local file, or a name the Hub does not have, fails here, never tried on the Hub
+        check_dataset(cfg.dataset, "dataset")
+    except SourceError as e:
+        raise DataError(str(e)) from None
     try:
         loaded = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
     except Exception as e:
