@@ -474,7 +474,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     """Train one stage; returns what ``OUTPUT_DIR/training_done.json`` records (``steps``, the
     length settings, ``reference``, the last ``eval`` metrics). The final model goes to OUTPUT_DIR/final."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
     from transformers.utils import logging as transformers_logging
@@ -482,9 +482,11 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     from prefixpo.checkpoint import (
         DEEPSPEED_DIR,
         SHARDED_DIR,
+        CheckpointError,
         checkpoint_dirs,
         checkpoint_sharding,
         finish_checkpoint,
+        list_checkpoints,
         load_engine_state,
         load_sharded_state,
         load_state,
@@ -495,6 +497,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         save_model,
         save_sharded_state,
         start_checkpoint,
+        verify_checkpoint,
     )
     from prefixpo.checkpoint import set_rng_state as restore_rng
     from prefixpo.distributed import (
@@ -551,6 +554,12 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     if main:
         save_config(cfg, out / "config.yaml")
     checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint else None
+    if checkpoint is not None:  # every file whole, as saved (the main process reads, every rank learns)
+        problem = broadcast_object_list([verify_checkpoint(checkpoint) if main else None])[0]
+        if problem:
+            others = [p.name for p in list_checkpoints(out) if p != checkpoint]
+            raise CheckpointError(problem + (f"; resume from another checkpoint ({', '.join(others)} in {out})"
+                                             if others else "; no other checkpoint to resume from"))
 
     tokenizer = load_tokenizer(cfg)
     train_groups = load_data(cfg, tokenizer)
@@ -856,6 +865,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"prefixpo train: {err}", file=sys.stderr)
         return 2
+    from prefixpo.checkpoint import CheckpointError
     from prefixpo.data.errors import DataError  # after the checks: it imports datasets (a second or more)
 
     try:
@@ -872,7 +882,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"stage {cfg.stage} done: {describe_done(done, Path(cfg.output_dir))}")
         if len(stages) > 1:
             plot_quietly(Path(stages[0].output_dir).parent)  # every stage in one figure
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"prefixpo train: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:
