@@ -21,7 +21,7 @@ if [ ! -d "$TRAIN" ]; then
     python scripts/make_synthetic_pairs.py --profile capybara --num 64 --seed 1 --out /tmp/capybara-eval.jsonl
     TRAIN=/tmp/capybara.jsonl EVAL=/tmp/capybara-eval.jsonl
 fi
-PREFIXPO_CACHE=/tmp/cache python -m prefixpo.cli train --model_name_or_path /tmp/llama-1b \
+PREFIXPO_CACHE=/tmp/cache python -m prefixpo.cli train --model_name_or_path /tmp/llama-1b/config.json \
     --tokenizer_name_or_path examples/quickstart/tokenizer --stage preference \
     --dataset "$TRAIN" --eval_dataset "$EVAL" --data "{use_cache: false}" --max_length 2842 \
     --loss_type sigmoid --beta 0.1 --learning_rate 1e-5 --lr_scheduler_type cosine --warmup_steps 5 \

@@ -199,7 +199,7 @@ def run_train(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def tiny_run(tmp_path: Path, **keys) -> dict:
-    return {"model_name_or_path": str(QUICK / "model"), "tokenizer_name_or_path": str(QUICK / "tokenizer"),
+    return {"model_name_or_path": str(QUICK / "model" / "config.json"), "tokenizer_name_or_path": str(QUICK / "tokenizer"),
             "output_dir": str(tmp_path / "run"), "seed": 0, "max_length": 64, "max_steps": 2,
             "per_device_train_batch_size": 4, "learning_rate": 1.0e-3, "reference_mode": "model",
             "disable_progress_bar": True, "torch_num_threads": 1, **keys}

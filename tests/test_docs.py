@@ -29,7 +29,7 @@ from prefixpo.config import TrainConfig
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PREF = "examples/quickstart/data/pref_train.jsonl"
 TOKENIZER = "examples/quickstart/tokenizer"
-MODEL = "examples/quickstart/model"
+MODEL = "examples/quickstart/model/config.json"
 PREFIXPO = shutil.which("prefixpo") or "prefixpo"
 SHELL_WORDS = ("prefixpo", "python", "accelerate", "bash", "torchrun")
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ QUICK = ROOT / "examples" / "quickstart"
 
 def write_config(tmp_path: Path, **overrides) -> Path:
     cfg = {
-        "model_name_or_path": str(QUICK / "model"), "tokenizer_name_or_path": str(QUICK / "tokenizer"),
+        "model_name_or_path": str(QUICK / "model" / "config.json"), "tokenizer_name_or_path": str(QUICK / "tokenizer"),
         "output_dir": str(tmp_path / "run"), "seed": 0, "max_length": 128, "logging_steps": 1,
         "disable_progress_bar": True, "stage": "preference", "dataset": str(QUICK / "data" / "pref_train.jsonl"),
         "max_samples": 160, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
@@ -477,3 +478,34 @@ def test_kills_at_random_moments_resume_to_identical_weights(tmp_path):
     assert timeless(run / "metrics.jsonl") == timeless(whole / "run" / "metrics.jsonl")
     a, b = final_weights(run), final_weights(whole / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_weights_only_from_a_config_file(tmp_path, capsys):
+    """A model directory that lost its weights (or never had them) is refused, naming the config
+    file to give for random weights; a config file trains from random weights."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(QUICK / "model" / "config.json", bare / "config.json")
+    assert main(["train", "--config", str(write_config(tmp_path, model_name_or_path=str(bare)))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"prefixpo train: config key `model_name_or_path`: {bare} holds no weights (no *.safetensors or "
+                   f"*.bin file); for random weights drawn from `seed`, give its config file: {bare / 'config.json'}")
+
+
+def test_bin_weights_load_without_running_code(tmp_path):
+    """A model saved as pytorch_model.bin (no safetensors) trains, from exactly its weights."""
+    from transformers import AutoModelForCausalLM
+
+    from prefixpo.modeling import load_causal_lm
+
+    model = load_causal_lm(str(QUICK / "model" / "config.json"), seed=3)
+    (tmp_path / "bin").mkdir()
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert [p.name for p in (tmp_path / "bin").glob("*.bin")] and not list((tmp_path / "bin").glob("*.safetensors"))
+    config = write_config(tmp_path, model_name_or_path=str(tmp_path / "bin"), max_steps=1, save_steps=None,
+                          learning_rate=1e-12, lr_scheduler_type="constant")
+    assert main(["train", "--config", str(config)]) == 0
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
+    for name, tensor in model.state_dict().items():  # lr 1e-12: the loaded weights, not random ones
+        assert torch.allclose(trained[name], tensor, atol=1e-6), name

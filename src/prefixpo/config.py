@@ -5,7 +5,7 @@ TRL config needs few changes (docs/training.md has the mapping). A YAML file hol
 ``TrainConfig`` at the top level, and optionally ``stages``: a list of per-stage overrides run in
 order, each stage starting from the previous stage's final weights::
 
-    model_name_or_path: examples/quickstart/model
+    model_name_or_path: examples/quickstart/model/config.json
     output_dir: runs/quickstart
     stages:
       - {stage: sft, dataset: data/sft.jsonl, learning_rate: 1.0e-3}
@@ -123,8 +123,8 @@ class TrainConfig:
             return ConfigError(f"config key `{key}`: {message}")
 
         if not self.model_name_or_path:
-            raise bad("model_name_or_path", "is required (a hub name, a local directory, or a directory "
-                      "holding only config.json for random weights)")
+            raise bad("model_name_or_path", "is required (a hub name, a local directory with weights, or a model "
+                      "config file (config.json) for random weights)")
         if self.dataset in ("", None, []):
             raise bad("dataset", "is required (a local json/jsonl/parquet/csv file, a saved dataset "
                       "directory, or a hub dataset name; or a list of them)")

@@ -45,15 +45,15 @@ def groups_fingerprint(groups: Sequence[Group]) -> str:
 
 
 def model_fingerprint(name_or_path: str, seed: int, dtype: str) -> str:
-    """The model's identity: its weight files' names, sizes and times for a local directory (or its
-    config and seed for random weights), else the hub name."""
+    """The model's identity: its weight files' names, sizes and times for a local directory, a
+    config file's content and the seed for random weights, else the hub name."""
     path = Path(name_or_path)
     parts = [name_or_path, dtype]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
         parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-        if not any(p.suffix == ".safetensors" for p in files):
-            parts.append(f"seed={seed}")
+    elif path.is_file():  # a config file: random weights from the seed
+        parts += [hashlib.sha256(path.read_bytes()).hexdigest(), f"seed={seed}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 

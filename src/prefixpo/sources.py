@@ -175,6 +175,10 @@ def _check_local(path: Path, kind: Kind, label: str) -> None:
         raise SourceError(f"{label}: {path} is a file, not a {kind} directory (one with {wanted[0]})")
     if not any((path / name).is_file() for name in wanted):
         raise SourceError(f"{label}: {path} is a directory but not a {kind} (it has none of {', '.join(wanted)})")
+    if kind == "model" and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        hint = f"; for random weights drawn from `seed`, give its config file: {path / 'config.json'}" \
+            if (path / "config.json").is_file() else ""
+        raise SourceError(f"{label}: {path} holds no weights (no *.safetensors or *.bin file){hint}")
 
 
 def check_model(value: str, label: str, config_file: bool = False) -> Found:
@@ -221,14 +225,14 @@ def check_stages(stages: Sequence[Any]) -> None:
                 return f"config key `{name}`" + (f" (stage {stage})" if len(stages) > 1 else "")
 
             if cfg.model_name_or_path not in produced:
-                check_model(cfg.model_name_or_path, key("model_name_or_path"))
+                check_model(cfg.model_name_or_path, key("model_name_or_path"), config_file=True)
             tokenizer = cfg.tokenizer_name_or_path or cfg.model_name_or_path
             if tokenizer not in produced:
                 label = key("tokenizer_name_or_path") if cfg.tokenizer_name_or_path else \
                     key("model_name_or_path") + " (the tokenizer too: tokenizer_name_or_path is not set)"
                 check_tokenizer(tokenizer, label)
             if cfg.ref_model_name_or_path and cfg.ref_model_name_or_path not in produced:
-                check_model(cfg.ref_model_name_or_path, key("ref_model_name_or_path"))
+                check_model(cfg.ref_model_name_or_path, key("ref_model_name_or_path"), config_file=True)
             for name in ("dataset", "eval_dataset") if cfg.eval_dataset else ("dataset",):
                 many = isinstance(getattr(cfg, name), list)
                 for i, source in enumerate(cfg.data_sources(evaluation=name == "eval_dataset")):

@@ -109,13 +109,15 @@ def load_data(cfg: TrainConfig, tokenizer, evaluation: bool = False) -> list[Gro
 
 
 def random_weights(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` is a directory holding only config.json (``load_model`` draws random weights)."""
-    path = Path(name_or_path)
-    return path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors"))
+    """Whether ``name_or_path`` asks for random weights: it is a model config file (``.json``).
+    A directory always needs weights (``sources.check_model`` says so before anything loads)."""
+    return name_or_path.endswith(".json") and Path(name_or_path).is_file()
 
 
 def load_model(name_or_path: str, cfg: TrainConfig, seed: int, dtype: torch.dtype | None = None):
-    """A transformers causal LM; a directory holding only config.json gives random weights from ``seed``.
+    """A transformers causal LM; a config file (``.json``) gives random weights from ``seed``.
+    Weights load from safetensors, or from ``.bin`` files where a local directory has only those
+    (transformers reads them with ``torch.load(weights_only=True)``: no code runs).
 
     ``dtype``: of the loaded weights; default bf16 with ``bf16`` on CUDA, else fp32."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -133,7 +135,9 @@ def load_model(name_or_path: str, cfg: TrainConfig, seed: int, dtype: torch.dtyp
         extra["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True,
+    path = Path(name_or_path)
+    only_bin = path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin"))
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=not only_bin,
                                                 attn_implementation="sdpa",
                                                 trust_remote_code=cfg.trust_remote_code, **extra)
 
