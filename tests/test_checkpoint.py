@@ -66,3 +66,28 @@ def test_a_checkpoint_without_manifest_still_resumes(saved_run, tmp_path):
     (run / "checkpoint-4" / MANIFEST).unlink()
     config = write_config(tmp_path, max_steps=6, save_steps=2, max_samples=40)
     assert main(["train", "--config", str(config), "--resume_from_checkpoint", "latest"]) == 0
+
+
+def test_a_full_disk_during_a_save_names_the_path_and_removes_the_partial_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import prefixpo.checkpoint
+
+    real = prefixpo.checkpoint.save_model
+    calls = {"n": 0}
+
+    def filling(model, tokenizer, directory, state_dict=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: a partial file, then the disk is full
+            (directory / "model.safetensors").write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, tokenizer, directory, state_dict=state_dict)
+
+    monkeypatch.setattr(prefixpo.checkpoint, "save_model", filling)
+    config = write_config(tmp_path, max_steps=6, save_steps=2, max_samples=40)
+    assert main(["train", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    run = tmp_path / "run"
+    assert f"could not write {run / '.tmp-checkpoint-4'} (No space left on device;" in err
+    assert f"The last good checkpoint is {run / 'checkpoint-2'}" in err
+    assert not (run / ".tmp-checkpoint-4").exists() and verify_checkpoint(run / "checkpoint-2") is None

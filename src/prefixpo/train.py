@@ -12,11 +12,12 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,22 @@ def truncate_metrics(path: Path, step: int) -> None:
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in keep))
+
+
+@contextmanager
+def written_whole(path: Path, last_good: Path | None):
+    """Writing ``path`` (a checkpoint's temporary directory, or ``final/``): on an OS error (a full
+    disk, a quota) the partial directory is removed and the run stops with one line naming the path,
+    the free space and the last good checkpoint."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(path, ignore_errors=True)
+        place = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+        free = shutil.disk_usage(place).free / 2**30
+        raise TrainingError(f"could not write {path} ({err.strerror or err}; {free:.1f} GiB free there); removed the "
+                            f"partial {path.name}. The last good checkpoint is {last_good or 'none'}; free some space "
+                            "and resume with --resume_from_checkpoint latest") from None
 
 
 def plot_quietly(run_dir: Path) -> None:
@@ -679,19 +696,24 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         path = None
         if sharding == "none":
             if main:
-                path = save_checkpoint(out, at_step, inner, tokenizer, state, cfg.save_total_limit, state_dict=weights)
+                with written_whole(checkpoint_dirs(out, at_step)[1], last_saved):
+                    path = save_checkpoint(out, at_step, inner, tokenizer, state, cfg.save_total_limit,
+                                           state_dict=weights)
         else:
-            if main:
-                save_model(inner, tokenizer, start_checkpoint(out, at_step), state_dict=weights)
-            accelerator.wait_for_everyone()  # the temporary directory exists
             tmp = checkpoint_dirs(out, at_step)[1]
-            if fsdp:
-                save_sharded_state(policy, optimizer.optimizer, tmp / SHARDED_DIR)
-            else:
-                save_engine_state(policy, tmp / DEEPSPEED_DIR)
+            if main:
+                with written_whole(tmp, last_saved):
+                    save_model(inner, tokenizer, start_checkpoint(out, at_step), state_dict=weights)
+            accelerator.wait_for_everyone()  # the temporary directory exists
+            with written_whole(tmp, last_saved):  # a full shared disk stops every rank
+                if fsdp:
+                    save_sharded_state(policy, optimizer.optimizer, tmp / SHARDED_DIR)
+                else:
+                    save_engine_state(policy, tmp / DEEPSPEED_DIR)
             accelerator.wait_for_everyone()  # every rank wrote its part
             if main:
-                path = finish_checkpoint(out, at_step, state, cfg.save_total_limit)
+                with written_whole(tmp, last_saved):
+                    path = finish_checkpoint(out, at_step, state, cfg.save_total_limit)
         accelerator.wait_for_everyone()
         took = time.perf_counter() - started
         window.started += took  # throughput counts training time only
@@ -828,7 +850,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     weights = full_weights()
     record = {**finished_record(cfg, step), "reference": ref_mode, "eval": final_metrics}
     if main:
-        save_model(accelerator.unwrap_model(policy).model, tokenizer, out / "final", state_dict=weights)
+        with written_whole(out / "final", last_saved):
+            save_model(accelerator.unwrap_model(policy).model, tokenizer, out / "final", state_dict=weights)
         (out / DONE_MARKER).write_text(json.dumps(record))
         plot_quietly(out)
     accelerator.wait_for_everyone()
