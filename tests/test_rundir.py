@@ -142,7 +142,7 @@ def test_command_line_keys_win_over_the_file_and_its_stages(tmp_path):
 @pytest.mark.parametrize("override, message", [
     (["--adam_beta1", "1.5"], "`adam_beta1`: must be a number in [0, 1)"),
     (["--adam_beta2", "-0.1"], "`adam_beta2`: must be a number in [0, 1)"),
-    (["--max_grad_norm", "-1"], "`max_grad_norm`: must be a number in >= 0"),
+    (["--max_grad_norm", "-1"], "`max_grad_norm`: must be a number >= 0 (0 or null: no clipping)"),
     (["--weight_decay", "-0.01"], "`weight_decay`"),
     (["--adam_epsilon", "nan"], "`adam_epsilon`"),
     (["--learning_rate", "inf"], "`learning_rate`"),

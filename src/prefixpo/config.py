@@ -154,15 +154,15 @@ class TrainConfig:
         if self.max_grad_norm is None:
             self.max_grad_norm = 0.0
         # optimizer values, checked here so a bad one stops the run before anything loads
-        ranges = {"adam_beta1": (0, 1, "[0, 1)"), "adam_beta2": (0, 1, "[0, 1)"),
+        ranges = {"adam_beta1": (0, 1, "in [0, 1)"), "adam_beta2": (0, 1, "in [0, 1)"),
                   "adam_epsilon": (0, math.inf, ">= 0"), "weight_decay": (0, math.inf, ">= 0"),
                   "max_grad_norm": (0, math.inf, ">= 0 (0 or null: no clipping)"),
-                  "label_smoothing": (0, 0.5, "[0, 0.5)"), "lora_dropout": (0, 1, "[0, 1)"),
+                  "label_smoothing": (0, 0.5, "in [0, 0.5)"), "lora_dropout": (0, 1, "in [0, 1)"),
                   "pair_min_gap": (0, math.inf, ">= 0"), "loss_spike_factor": (0, math.inf, ">= 0 (0: off)")}
         for key, (low, high, text) in ranges.items():
             value = getattr(self, key)
             if not (number(value) and low <= value < high):
-                raise bad(key, f"must be a number in {text}, got {value!r}")
+                raise bad(key, f"must be a number {text}, got {value!r}")
         for key in ("warmup_steps", "seed"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or (key == "warmup_steps" and value < 0):
