@@ -92,9 +92,14 @@ def finish_checkpoint(output_dir: Path, step: int, state: dict[str, Any], save_t
     final, tmp = checkpoint_dirs(output_dir, step)
     torch.save(state, tmp / STATE_FILE)
     write_manifest(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # the same step saved again: move the old one aside whole, never delete it first
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     for old in list_checkpoints(output_dir)[:-save_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
     return final

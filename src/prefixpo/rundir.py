@@ -31,7 +31,7 @@ DONE_MARKER = "training_done.json"
 LOCK_FILE = ".prefixpo.lock"
 # what a run writes into its output_dir (config.yaml alone is no run: it is written before anything loads)
 RUN_FILES = ("metrics.jsonl", "final", DONE_MARKER, "samples", "curves.png", "config.yaml")
-RUN_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", "events.out.tfevents.*")
+RUN_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", ".old-checkpoint-*", "events.out.tfevents.*")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class RunState:
     def describe(self) -> str:
         """``finished at step 40: final/, 2 checkpoints`` or ``unfinished: metrics.jsonl, 1 checkpoint``."""
         parts = [name + "/" if (self.path / name).is_dir() else name for name in self.written
-                 if not name.startswith(("checkpoint-", ".tmp-", "events.")) and name != "config.yaml"]
+                 if not name.startswith(("checkpoint-", ".tmp-", ".old-", "events.")) and name != "config.yaml"]
         if self.checkpoints:
             parts.append(f"{len(self.checkpoints)} checkpoint{'s' * (len(self.checkpoints) > 1)} "
                          f"(newest {self.checkpoints[-1].name})")
