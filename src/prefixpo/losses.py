@@ -44,6 +44,7 @@ class PairLogps(NamedTuple):
     ref_r: Tensor | None
     len_c: Tensor
     len_r: Tensor
+    nll_c: Tensor | None = None  # plain summed chosen log-probs for the NLL terms, where pi_c is LD-weighted
 
 
 class RunningMean:
@@ -111,8 +112,9 @@ def _f_margin(p: PairLogps, f_divergence_type: str = "reverse_kl", alpha: float 
 
 
 def _nll(p: PairLogps) -> Tensor:
-    """Length-normalised NLL of the chosen response, ``-pi_c / len_c`` ``[num_pairs]``."""
-    return -p.pi_c / p.len_c
+    """Length-normalised NLL of the chosen response, ``-pi_c / len_c`` ``[num_pairs]`` (with
+    ``ld_alpha``, of its plain summed log-probs, as TRL's ``sft`` term)."""
+    return -(p.pi_c if p.nll_c is None else p.nll_c) / p.len_c
 
 
 def _metrics(p: PairLogps, chosen_rewards: Tensor, rejected_rewards: Tensor, **extra: Tensor) -> Metrics:
@@ -547,12 +549,12 @@ def _listwise_fn(name: str, bound: Callable[..., tuple[Tensor, Metrics]], requir
 
 
 def _validate(name: str, args: tuple[Any, ...], requires_reference: bool) -> PairLogps:
-    arg_names = PairLogps._fields
+    arg_names = PairLogps._fields[:6]
     full = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
             "reference_rejected_logps", "chosen_lengths", "rejected_lengths")
     p = PairLogps(*args)
     shape = None
-    for field_name, arg_name, value in zip(arg_names, full, p, strict=True):
+    for field_name, arg_name, value in zip(arg_names, full, p[:6], strict=True):
         if value is None:
             if field_name.startswith("ref_") and not requires_reference:
                 continue
@@ -664,6 +666,7 @@ def get_loss(
         chosen_lengths: Tensor,
         rejected_lengths: Tensor,
         pair_weights: Tensor | None = None,
+        nll_chosen_logps: Tensor | None = None,
     ) -> tuple[Tensor, Metrics]:
         if zero_reference:
             reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
@@ -671,6 +674,8 @@ def get_loss(
         p = _validate(label, (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths),
                       requires_reference or zero_reference)
+        if nll_chosen_logps is not None:
+            p = p._replace(nll_c=nll_chosen_logps)
         if use_weighting and pair_weights is None:
             raise ValueError(f"loss {label!r} with use_weighting needs pair_weights (the step computes them)")
         scale = pair_weights.detach() if use_weighting and pair_weights is not None else None

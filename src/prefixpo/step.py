@@ -169,7 +169,7 @@ def pair_losses(logps: ResponseLogps, reference: ResponseLogps | None, pairs: Ba
 
     pc, pr = sides(logps, "policy")
     rc, rr = sides(reference, "reference") if reference is not None else (None, None)
-    extra = {}
+    extra = {} if ld_alpha is None else {"nll_chosen_logps": logps.sums[c]}  # NLL terms: plain sums (TRL)
     if getattr(loss_fn, "use_weighting", False):
         w = wpo_weights(logps)
         extra["pair_weights"] = w[c] * w[r]
