@@ -275,3 +275,12 @@ def test_trl_defaults_are_ours():
             assert getattr(cfg, key) is False
     assert LOSSES["bco_pair"].defaults["delta"] == 0.0  # TRL 1.16: no reward baseline
     assert LOSSES["discopop"].defaults["tau"] == TRL_DEFAULTS["discopop_tau"].default
+
+
+def test_wpo_log_sum_sq_matches_the_full_softmax():
+    from prefixpo.logprobs import scored_token_log_sum_sq
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(11, 5, generator=g, dtype=torch.float64)
+    probs = torch.softmax(hidden @ weight.T, dim=-1)
+    torch.testing.assert_close(scored_token_log_sum_sq(hidden, weight, chunk_size=3), torch.log((probs ** 2).sum(-1)))
