@@ -1,9 +1,8 @@
 """Every loss against an independent oracle written here from its published formula (float64),
 plus gradcheck, numerical edge cases and the registry's errors."""
 
-import math
-
 import inspect
+import math
 
 import pytest
 import torch
