@@ -133,3 +133,53 @@ def test_copies_do_not_share_state():
     clone = copy.deepcopy(policy)
     apply_prefix_attention(policy, "sdpa")
     assert clone.config._attn_implementation == "eager"
+
+
+def _separate_losses(policy, reference, groups, option):
+    """Oracle for ld_alpha (LD-DPO sums from per-token log-probs of separate sequences) and listwise
+    (Plackett-Luce over each group's ranking), the mean over pairs / groups."""
+    policy.zero_grad(set_to_none=True)
+    losses = []
+    for g in groups:
+        pol = [oracle_token_logps(policy, list(g.prompt_ids), list(r)) for r in g.response_ids]
+        with torch.no_grad():
+            ref = [oracle_token_logps(reference, list(g.prompt_ids), list(r)) for r in g.response_ids]
+        if option == "listwise":
+            order = [0, 1] if g.scores is None else sorted(range(len(g.scores)), key=lambda i: -g.scores[i])
+            r = torch.stack([BETA * (pol[i].sum() - ref[i].sum()) for i in order])
+            losses.append(-sum(r[k] - torch.logsumexp(r[k:], 0) for k in range(len(r))))
+            continue
+        for c, rj in oracle_pairs(g):
+            n = min(len(pol[c]), len(pol[rj]))
+
+            def ld(t, n=n):
+                return t[:n].sum() + 0.3 * t[n:].sum()
+
+            h = (ld(pol[c]) - ld(ref[c])) - (ld(pol[rj]) - ld(ref[rj]))
+            losses.append(-F.logsigmoid(BETA * h))
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+
+@pytest.mark.parametrize("option", ["ld_alpha", "listwise", "use_weighting"])
+def test_loss_options_through_the_step_with_prefix_sharing_and_packing(models, option):
+    """ld_alpha and listwise equal separate sequences; every option gives the same step packed or not."""
+    from prefixpo.pairs import PairConfig
+
+    policy, reference, groups, _ = models
+    if option == "listwise":
+        loss_fn, pair_config = get_loss("listwise", beta=BETA), PairConfig("ranking")
+    else:
+        loss_fn, pair_config = get_loss("sigmoid", beta=BETA, **{option: 0.3 if option == "ld_alpha" else True}), None
+    results = []
+    for micro_batches in (unpacked(groups, 1), unpacked(groups, 8), packed(groups, 256, 2)):
+        policy.zero_grad(set_to_none=True)
+        result = preference_step(policy, micro_batches, loss_fn, reference=reference_from_model(reference),
+                                 pair_config=pair_config, chunk_size=32)
+        results.append((result.loss, {n: p.grad.clone() for n, p in policy.named_parameters()}))
+        assert result.count == (8 if option == "listwise" else 10)
+    for loss, grads in results[1:]:
+        assert_same(loss, grads, *results[0])
+    if option != "use_weighting":
+        assert_same(*results[0], *_separate_losses(policy, reference, groups, option))

@@ -89,6 +89,12 @@ class TrainConfig:
     pair_min_gap: float = 0.0
     reference_mode: str = "auto"
     ref_model_name_or_path: str | None = None
+    reference_free: bool = False  # reference log-probs taken as 0; no reference model
+    f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl, forward_kl, js_divergence, alpha_divergence
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None  # LD-DPO weight of the tokens beyond the shorter response's length
+    use_weighting: bool = False  # WPO pair weights
+    disable_dropout: bool = True  # as TRL: every nn.Dropout of the policy (LoRA's too) gets p = 0
     # LoRA
     use_peft: bool = False
     lora_r: int = 16
@@ -192,6 +198,32 @@ class TrainConfig:
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise bad("load_in_4bit", "needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU")
         self._validate_data()
+        for key in ("reference_free", "use_weighting", "disable_dropout"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, f"must be true or false, got {getattr(self, key)!r}")
+        if self.ld_alpha is not None and not (number(self.ld_alpha) and 0 <= self.ld_alpha <= 1):
+            raise bad("ld_alpha", f"must be a number in [0, 1] or null, got {self.ld_alpha!r}")
+        if self.ld_alpha is not None and self.reference_mode == "precomputed":
+            raise bad("ld_alpha", "needs the reference's per-token log-probs, which a precomputed reference does "
+                      "not keep: use reference_mode: model (or auto)")
+        from prefixpo.losses import F_DIVERGENCES
+
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise bad("f_divergence_type", f"got {self.f_divergence_type!r}; choose one of {', '.join(F_DIVERGENCES)}")
+        if not (number(self.f_alpha_divergence_coef) and math.isfinite(self.f_alpha_divergence_coef)):
+            raise bad("f_alpha_divergence_coef", f"must be a finite number, got {self.f_alpha_divergence_coef!r}")
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if self.f_divergence_type != "reverse_kl" and self.stage == "preference":
+            from prefixpo.losses import LOSSES
+
+            without = [n for n in names if n in LOSSES and n != "sft" and "f_divergence_type" not in LOSSES[n].defaults]
+            if without:
+                raise bad("f_divergence_type", f"{self.f_divergence_type} is defined for losses built on the chosen - "
+                          f"rejected score difference, not for {without} (TRL refuses them too)")
+        if ("listwise" in names) != (self.pair_strategy == "ranking"):
+            raise bad("pair_strategy", "loss_type listwise and pair_strategy ranking go together (the listwise "
+                      f"loss takes each group's ranking); got loss_type {self.loss_type!r} with pair_strategy "
+                      f"{self.pair_strategy!r}")
         if self.stage == "preference":
             from prefixpo.losses import get_loss
 
@@ -237,7 +269,9 @@ class TrainConfig:
         return resolve_sources(getattr(self, key), self.data_defaults(evaluation), key)
 
     def loss_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``get_loss``: beta and label_smoothing where the loss has them."""
+        """Keyword arguments for ``get_loss``: beta, label_smoothing and the f-divergence where the loss
+        has them (an f-divergence other than reverse_kl is given to every loss, so a loss without one
+        is refused, as TRL does), and the options reference_free, ld_alpha, use_weighting."""
         from prefixpo.losses import LOSSES
 
         names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -251,6 +285,10 @@ class TrainConfig:
             shared["beta"] = self.beta
         if self.label_smoothing and any("label_smoothing" in LOSSES[n].defaults for n in names if n in LOSSES):
             shared["label_smoothing"] = self.label_smoothing
+        if self.f_divergence_type != "reverse_kl":
+            shared["f_divergence_type"] = self.f_divergence_type
+            shared["f_alpha_divergence_coef"] = self.f_alpha_divergence_coef
+        kwargs.update(reference_free=self.reference_free, ld_alpha=self.ld_alpha, use_weighting=self.use_weighting)
         if len(names) == 1:
             kwargs.update(shared, **self.loss_params)
         else:

@@ -161,15 +161,35 @@ def scored_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return _ScoredTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, softcap, scale, fused)
 
 
+@torch.no_grad()
+def scored_token_log_sum_sq(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                            softcap: float | None = None, scale: float | None = None,
+                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """``log sum_v p(v)^2`` ``[S]`` (fp32, no gradient) of each scored position's next-token
+    distribution, ``chunk_size`` positions at a time: ``logsumexp(2 z) - 2 logsumexp(z)``. WPO's
+    weights use it (``prefixpo.step.wpo_weights``)."""
+    dtype = _compute_dtype(hidden, weight)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    out = torch.empty(hidden.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start, end in _chunks(hidden.shape[0], chunk_size):
+            logits = _transform(F.linear(hidden[start:end].to(dtype), w, b), softcap, scale)
+            out[start:end] = torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+    return out
+
+
 @dataclass
 class ResponseLogps:
     """Per-response results, in the batch's response order. ``sums``, ``means``: fp32 ``[R]``;
-    ``counts``: scored tokens per response ``[R]``; ``token_logps``: fp32 ``[S]``."""
+    ``counts``: scored tokens per response ``[R]``; ``token_logps``: fp32 ``[S]``;
+    ``token_log_sum_sq``: ``log sum_v p(v)^2`` ``[S]`` where asked for (WPO), else None."""
 
     sums: torch.Tensor
     means: torch.Tensor
     counts: torch.Tensor
     token_logps: torch.Tensor
+    token_log_sum_sq: torch.Tensor | None = None
 
 
 def reduce_per_response(token_logps: torch.Tensor, batch: Batch) -> ResponseLogps:
@@ -202,7 +222,8 @@ class ScoredLM(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, scored_index: torch.Tensor,
-                scored_targets: torch.Tensor, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                scored_targets: torch.Tensor, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                log_sum_sq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         from prefixpo.modeling import decoder_of, output_head
 
         out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
@@ -210,15 +231,21 @@ class ScoredLM(nn.Module):
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         weight, bias, softcap, scale = output_head(self.model)
         scored_hidden = hidden.reshape(-1, hidden.shape[-1])[scored_index]
-        return scored_token_logprobs(scored_hidden, weight, scored_targets, bias=bias, softcap=softcap,
-                                     scale=scale, chunk_size=chunk_size)
+        logps = scored_token_logprobs(scored_hidden, weight, scored_targets, bias=bias, softcap=softcap,
+                                      scale=scale, chunk_size=chunk_size)
+        if log_sum_sq:  # WPO: returned beside the log-probs
+            return logps, scored_token_log_sum_sq(scored_hidden.detach(), weight.detach(), bias, softcap, scale,
+                                                  chunk_size)
+        return logps
 
 
-def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ResponseLogps:
+def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  log_sum_sq: bool = False) -> ResponseLogps:
     """The whole path: prefix-shared forward, then per-response log-probs.
 
     ``model`` is a transformers causal LM, or a ``ScoredLM`` (possibly inside a DDP/FSDP wrapper),
-    which is then called through its own ``forward``.
+    which is then called through its own ``forward``. ``log_sum_sq``: also fill
+    ``token_log_sum_sq`` (WPO's weights).
     """
     from prefixpo.modeling import build_attention_masks
 
@@ -226,6 +253,12 @@ def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = 
         masks = build_attention_masks(model, batch)
     inner = getattr(model, "module", model)
     scorer = model if getattr(inner, "_prefixpo_scored", False) else ScoredLM(model)
-    token_logps = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
-                         masks=masks, chunk_size=chunk_size)
-    return reduce_per_response(token_logps, batch)
+    if not log_sum_sq:
+        token_logps = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
+                             masks=masks, chunk_size=chunk_size)
+        return reduce_per_response(token_logps, batch)
+    token_logps, sum_sq = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
+                                 masks=masks, chunk_size=chunk_size, log_sum_sq=True)
+    out = reduce_per_response(token_logps, batch)
+    out.token_log_sum_sq = sum_sq.float()
+    return out

@@ -44,6 +44,7 @@ class PairLogps(NamedTuple):
     ref_r: Tensor | None
     len_c: Tensor
     len_r: Tensor
+    nll_c: Tensor | None = None  # plain summed chosen log-probs for the NLL terms, where pi_c is LD-weighted
 
 
 class RunningMean:
@@ -73,9 +74,47 @@ def _margin(p: PairLogps) -> Tensor:
     return (p.pi_c - p.ref_c) - (p.pi_r - p.ref_r)
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def _f_score(log_ratio: Tensor, f_divergence_type: str, alpha: float) -> Tensor:
+    """``f'(u)`` at ``u = pi / ref`` given ``log u`` (f-DPO, Wang et al. 2023, arXiv:2309.16240, Table 1).
+
+    reverse_kl: ``log u`` (DPO); forward_kl: ``1 - 1/u``; js_divergence: ``log 2 + logsigmoid(log u)``
+    (``log(2u / (1 + u))``); alpha_divergence: ``(u^(alpha-1) - 1) / (alpha - 1)``, whose exponent is
+    clamped at 80 so ``exp`` stays finite in fp32 (alpha = 1 is reverse_kl, the limit).
+    """
+    if f_divergence_type == "reverse_kl":
+        return log_ratio
+    if f_divergence_type == "forward_kl":
+        return -torch.expm1(-log_ratio)
+    if f_divergence_type == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(log_ratio)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return log_ratio
+        return torch.expm1(torch.clamp((alpha - 1.0) * log_ratio, max=80.0)) / (alpha - 1.0)
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose one of {', '.join(F_DIVERGENCES)}")
+
+
+def _scores(p: PairLogps, f_divergence_type: str = "reverse_kl", alpha: float = 0.5) -> tuple[Tensor, Tensor]:
+    """``f'(pi/ref)`` of the chosen and of the rejected response ``[num_pairs]`` each."""
+    return (_f_score(p.pi_c - p.ref_c, f_divergence_type, alpha),
+            _f_score(p.pi_r - p.ref_r, f_divergence_type, alpha))
+
+
+def _f_margin(p: PairLogps, f_divergence_type: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
+    """``f'(pi_c/ref_c) - f'(pi_r/ref_r)``; with reverse_kl (the default) this is ``h``."""
+    if f_divergence_type == "reverse_kl":
+        return _margin(p)
+    chosen, rejected = _scores(p, f_divergence_type, alpha)
+    return chosen - rejected
+
+
 def _nll(p: PairLogps) -> Tensor:
-    """Length-normalised NLL of the chosen response, ``-pi_c / len_c`` ``[num_pairs]``."""
-    return -p.pi_c / p.len_c
+    """Length-normalised NLL of the chosen response, ``-pi_c / len_c`` ``[num_pairs]`` (with
+    ``ld_alpha``, of its plain summed log-probs, as TRL's ``sft`` term)."""
+    return -(p.pi_c if p.nll_c is None else p.nll_c) / p.len_c
 
 
 def _metrics(p: PairLogps, chosen_rewards: Tensor, rejected_rewards: Tensor, **extra: Tensor) -> Metrics:
@@ -111,55 +150,74 @@ def _log1mexp(x: Tensor) -> Tensor:
 # Reference-based losses
 
 
-def sigmoid(p: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
+def sigmoid(p: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0,
+        f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> tuple[Tensor, Metrics]:
     """DPO (Rafailov et al. 2023, arXiv:2305.18290), conservative DPO when ``label_smoothing > 0``.
 
     ``loss = -(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``, ``h = (pi_c - ref_c) - (pi_r - ref_r)``.
     With ``eps = 0`` this is the DPO reference code's ``-logsigmoid(beta ((pi_c - pi_r) - (ref_c - ref_r)))``.
-    Conservative DPO: Mitchell, "A note on DPO with noisy preferences" (2023). TRL defaults beta=0.1, eps=0.
+    Conservative DPO: Mitchell, "A note on DPO with noisy preferences" (2023), as the DPO reference code;
+    TRL 1.16's ``sigmoid`` ignores label_smoothing. TRL defaults beta=0.1, eps=0.
+    ``f_divergence_type``: ``h = f'(pi_c/ref_c) - f'(pi_r/ref_r)`` (f-DPO, see ``_f_score``).
     """
-    return _smoothed_logistic(beta * _margin(p), label_smoothing), _dpo_metrics(p, beta)
+    x = beta * _f_margin(p, f_divergence_type, f_alpha_divergence_coef)
+    return _smoothed_logistic(x, label_smoothing), _dpo_metrics(p, beta)
 
 
-def robust(p: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
+def sigmoid_norm(p: PairLogps, beta: float = 0.1,
+        f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> tuple[Tensor, Metrics]:
+    """Length-normalised DPO, as TRL's ``sigmoid_norm`` (the ``1/|y|`` DPO of Meng et al. 2024, SimPO,
+    arXiv:2405.14734, and Liu et al. 2024, LD-DPO's baseline): ``loss = -logsigmoid(beta (s_c/len_c - s_r/len_r))``
+    with ``s = pi - ref`` (or ``f'(pi/ref)`` under ``f_divergence_type``). Rewards: summed ``beta (pi - ref)``, as TRL.
+    """
+    s_c, s_r = _scores(p, f_divergence_type, f_alpha_divergence_coef)
+    return -F.logsigmoid(beta * (s_c / p.len_c - s_r / p.len_r)), _dpo_metrics(p, beta)
+
+
+def robust(p: PairLogps, beta: float = 0.1, label_smoothing: float = 0.0,
+        f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> tuple[Tensor, Metrics]:
     """Robust DPO, rDPO (Chowdhury et al. 2024, arXiv:2403.00409), unbiased under label-flip rate eps.
 
     ``loss = ((1 - eps) (-logsigmoid(beta h)) + eps logsigmoid(-beta h)) / (1 - 2 eps)``, eps in [0, 0.5).
     """
-    x = beta * _margin(p)
+    x = beta * _f_margin(p, f_divergence_type, f_alpha_divergence_coef)
     losses = (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (
         1 - 2 * label_smoothing
     )
     return losses, _dpo_metrics(p, beta)
 
 
-def ipo(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+def ipo(p: PairLogps, beta: float = 0.1, length_normalize: bool = True,
+        f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> tuple[Tensor, Metrics]:
     """IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17; beta is the paper's tau).
 
-    On **length-averaged** log-probs, as the IPO paper's per-token form and TRL define it:
-    ``h = (pi_c/len_c - ref_c/len_c) - (pi_r/len_r - ref_r/len_r)``, ``loss = (h - 1/(2 beta))^2``.
-    Rewards are ``beta * (pi - ref) / len`` (TRL logs the averaged ones too).
+    ``loss = (h - 1/(2 beta))^2``. ``length_normalize=True`` (default, as TRL): on length-averaged
+    log-ratios, ``h = (pi_c - ref_c)/len_c - (pi_r - ref_r)/len_r`` (the IPO authors' per-token form);
+    ``False``: on summed log-ratios, as the DPO reference code's ``ipo``. Rewards are always the
+    summed ``beta (pi - ref)`` (what TRL logs for every loss).
     """
-    avg = PairLogps(p.pi_c / p.len_c, p.pi_r / p.len_r, p.ref_c / p.len_c, p.ref_r / p.len_r, p.len_c, p.len_r)
-    losses = (_margin(avg) - 1 / (2 * beta)) ** 2
-    return losses, _metrics(p, beta * (avg.pi_c - avg.ref_c), beta * (avg.pi_r - avg.ref_r))
+    s_c, s_r = _scores(p, f_divergence_type, f_alpha_divergence_coef)
+    h = s_c / p.len_c - s_r / p.len_r if length_normalize else s_c - s_r
+    return (h - 1 / (2 * beta)) ** 2, _dpo_metrics(p, beta)
 
 
-def hinge(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+def hinge(p: PairLogps, beta: float = 0.1,
+        f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> tuple[Tensor, Metrics]:
     """SLiC hinge loss (Zhao et al. 2023, arXiv:2305.10425), as in TRL: ``loss = relu(1 - beta h)``.
 
     ``1/beta`` is the margin on ``h``.
     """
-    return torch.relu(1 - beta * _margin(p)), _dpo_metrics(p, beta)
+    return torch.relu(1 - beta * _f_margin(p, f_divergence_type, f_alpha_divergence_coef)), _dpo_metrics(p, beta)
 
 
-def exo_pair(p: PairLogps, beta: float = 0.1, label_smoothing: float = 1e-3) -> tuple[Tensor, Metrics]:
+def exo_pair(p: PairLogps, beta: float = 0.1, label_smoothing: float = 1e-3,
+        f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> tuple[Tensor, Metrics]:
     """EXO, pairwise form (Ji et al. 2024, arXiv:2402.00856, eq. 16): reverse KL to smoothed labels.
 
     ``loss = s(x) (logsigmoid(x) - log(1 - eps)) + s(-x) (logsigmoid(-x) - log(eps))``, ``x = beta h``,
     ``s`` the sigmoid. eps must be in (0, 0.5); TRL replaces eps=0 by 1e-3, here the default is 1e-3.
     """
-    x = beta * _margin(p)
+    x = beta * _f_margin(p, f_divergence_type, f_alpha_divergence_coef)
     eps = label_smoothing
     losses = torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
         F.logsigmoid(-x) - math.log(eps)
@@ -178,23 +236,22 @@ def nca_pair(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
     return losses, _dpo_metrics(p, beta)
 
 
-def bco_pair(p: PairLogps, beta: float = 0.1, delta: float | RunningMean | None = None) -> tuple[Tensor, Metrics]:
+def bco_pair(p: PairLogps, beta: float = 0.1, delta: float | str | RunningMean = 0.0) -> tuple[Tensor, Metrics]:
     """BCO, pairwise form (Jung et al. 2024, Binary Classifier Optimization, arXiv:2404.04656).
 
     With rewards ``r = beta (pi - ref)`` and a reward baseline ``delta``:
     ``loss = -logsigmoid(r_c - delta) - logsigmoid(-(r_r - delta))``.
 
-    ``delta``: None (default, pure) = the detached mean of all 2 * num_pairs rewards of this batch;
-    a float = a fixed baseline; a ``RunningMean`` = TRL's behaviour (running mean over steps of the
-    batch-mean reward; updated by this call, so the loss is stateful). TRL's running mean is also
-    gathered across ranks; a per-rank RunningMean is not.
+    ``delta``: a number, a fixed baseline; 0.0 (default) is TRL 1.16's ``bco_pair`` (no baseline).
+    ``"batch_mean"``: the detached mean of this batch's 2 * num_pairs rewards (the paper's reward
+    shift, kept pure). A ``RunningMean``: a running mean over calls of the batch-mean reward, as
+    TRL's BCOTrainer keeps (updated by each call, so the loss is stateful, and per rank).
     """
     r_c, r_r = beta * (p.pi_c - p.ref_c), beta * (p.pi_r - p.ref_r)
-    batch_mean = torch.cat([r_c, r_r]).mean().detach()
-    if delta is None:
-        baseline: Tensor | float = batch_mean
+    if isinstance(delta, str):  # "batch_mean", checked by the registry
+        baseline: Tensor | float = torch.cat([r_c, r_r]).mean().detach()
     elif isinstance(delta, RunningMean):
-        baseline = delta.update(float(batch_mean))
+        baseline = delta.update(float(torch.cat([r_c, r_r]).mean()))
     else:
         baseline = float(delta)
     losses = -F.logsigmoid(r_c - baseline) - F.logsigmoid(-(r_r - baseline))
@@ -255,13 +312,14 @@ def apo_down(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
     return losses, _dpo_metrics(p, beta)
 
 
-def discopop(p: PairLogps, beta: float = 0.1, tau: float = 0.05) -> tuple[Tensor, Metrics]:
+def discopop(p: PairLogps, beta: float = 0.1, tau: float = 0.05,
+        f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> tuple[Tensor, Metrics]:
     """DiscoPOP / log-ratio modulated loss (Chan Lu et al. 2024, arXiv:2406.08414, eq. 5); TRL's discopop_tau=0.05.
 
     ``x = beta h``, ``m = s(x / tau)``, ``loss = (1 - m) (-logsigmoid(x)) + m exp(-x)``.
     ``m exp(-x)`` is computed as ``exp(logsigmoid(x / tau) - x)`` so large |x| gives no inf * 0.
     """
-    x = beta * _margin(p)
+    x = beta * _f_margin(p, f_divergence_type, f_alpha_divergence_coef)
     losses = torch.sigmoid(-x / tau) * -F.logsigmoid(x) + torch.exp(F.logsigmoid(x / tau) - x)
     return losses, _dpo_metrics(p, beta)
 
@@ -335,6 +393,20 @@ def orpo(p: PairLogps, beta: float = 0.1) -> tuple[Tensor, Metrics]:
     return losses, metrics
 
 
+def listwise(policy_logps: Tensor, reference_logps: Tensor, rankings: Sequence[Tensor],
+             beta: float = 0.1) -> tuple[Tensor, Metrics]:
+    """Plackett-Luce listwise DPO (Rafailov et al. 2023, arXiv:2305.18290, Appendix A.3) over ranked
+    groups: ``loss = -sum_k log(exp(r_k) / sum_{j >= k} exp(r_j))``, ``r = beta (pi - ref)``, per group.
+
+    Not a pairwise loss: it takes the summed log-probs ``[R]`` of a batch's responses and, per group,
+    their flat indices best-first (``pair_strategy: ranking`` gives them); one loss per group. For
+    two responses it equals ``sigmoid``. See ``prefixpo.pairs.listwise_dpo_loss``.
+    """
+    from prefixpo.pairs import listwise_dpo_loss
+
+    return listwise_dpo_loss(policy_logps, reference_logps, rankings, beta)
+
+
 def sft(p: PairLogps) -> tuple[Tensor, Metrics]:
     """Supervised fine-tuning on the chosen response: ``loss = -pi_c / len_c`` (mean token NLL).
 
@@ -362,6 +434,7 @@ _COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gamma": _REAL,
     "tau": _POSITIVE,
     "dpop_lambda": _NON_NEGATIVE,
+    "f_alpha_divergence_coef": _REAL,
 }
 
 
@@ -372,17 +445,28 @@ class LossSpec:
     fn: Callable[..., tuple[Tensor, Metrics]]
     requires_reference: bool
     checks: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
+    listwise: bool = False  # takes (policy_logps [R], reference_logps [R], rankings), one loss per group
 
     @property
     def defaults(self) -> dict[str, Any]:
-        params = list(inspect.signature(self.fn).parameters.values())[1:]
+        params = list(inspect.signature(self.fn).parameters.values())[3 if self.listwise else 1:]
         return {q.name: q.default for q in params}
 
     def check(self, name: str, value: Any) -> None:
-        if name == "delta":  # bco_pair: None, a number or a RunningMean
-            if value is None or isinstance(value, RunningMean) or _is_number(value):
+        if name == "delta":  # bco_pair: a number, "batch_mean" or a RunningMean
+            if value == "batch_mean" or isinstance(value, RunningMean) or _is_number(value):
                 return
-            raise ValueError(f"loss {self.fn.__name__!r}: delta must be None, a number or a RunningMean, got {value!r}")
+            raise ValueError(f"loss {self.fn.__name__!r}: delta must be a number, 'batch_mean' or a RunningMean, "
+                             f"got {value!r}")
+        if name == "f_divergence_type":
+            if value in F_DIVERGENCES:
+                return
+            raise ValueError(f"loss {self.fn.__name__!r}: f_divergence_type={value!r} is not allowed; choose one of "
+                             f"{', '.join(F_DIVERGENCES)}")
+        if name == "length_normalize":
+            if isinstance(value, bool):
+                return
+            raise ValueError(f"loss {self.fn.__name__!r}: length_normalize must be true or false, got {value!r}")
         predicate, text = self.checks.get(name) or _COMMON_CHECKS[name]
         if not _is_number(value) or not predicate(float(value)):
             raise ValueError(f"loss {self.fn.__name__!r}: parameter {name}={value!r} is not allowed; it must be {text}")
@@ -394,6 +478,7 @@ def _is_number(value: Any) -> bool:
 
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(sigmoid, True),
+    "sigmoid_norm": LossSpec(sigmoid_norm, True),
     "robust": LossSpec(robust, True),
     "ipo": LossSpec(ipo, True),
     "hinge": LossSpec(hinge, True),
@@ -403,6 +488,7 @@ LOSSES: dict[str, LossSpec] = {
     "sppo_hard": LossSpec(sppo_hard, True),
     "aot": LossSpec(aot, True),
     "aot_pair": LossSpec(aot_pair, True),
+    "aot_unpaired": LossSpec(aot_pair, True),  # TRL 1.16's name for aot_pair
     "apo_zero": LossSpec(apo_zero, True),
     "apo_down": LossSpec(apo_down, True),
     "discopop": LossSpec(discopop, True),
@@ -412,6 +498,7 @@ LOSSES: dict[str, LossSpec] = {
     "cpo": LossSpec(cpo, False),
     "orpo": LossSpec(orpo, False),
     "sft": LossSpec(sft, False),
+    "listwise": LossSpec(listwise, True, listwise=True),
 }
 
 
@@ -421,10 +508,11 @@ def _spec(name: str) -> LossSpec:
     return LOSSES[name]
 
 
-def loss_requires_reference(name: str | Sequence[str]) -> bool:
-    """Whether the loss (or any loss of a combination) needs reference-model log-probs."""
+def loss_requires_reference(name: str | Sequence[str], reference_free: bool = False) -> bool:
+    """Whether the loss (or any loss of a combination) needs reference-model log-probs
+    (never with ``reference_free``: the reference log-probs are then 0)."""
     names = [name] if isinstance(name, str) else list(name)
-    return any(_spec(n).requires_reference for n in names)
+    return not reference_free and any(_spec(n).requires_reference for n in names)
 
 
 def _bind(name: str, params: dict[str, Any]) -> Callable[[PairLogps], tuple[Tensor, Metrics]]:
@@ -438,16 +526,35 @@ def _bind(name: str, params: dict[str, Any]) -> Callable[[PairLogps], tuple[Tens
         )
     for key, value in params.items():
         spec.check(key, value)
+    if spec.listwise:
+        return lambda pi, ref, rankings: spec.fn(pi, ref, rankings, **params)
     return lambda p: spec.fn(p, **params)
 
 
+def _listwise_fn(name: str, bound: Callable[..., tuple[Tensor, Metrics]], requires_reference: bool) -> LossFn:
+    def loss_fn(policy_logps: Tensor, reference_logps: Tensor | None,
+                rankings: Sequence[Tensor]) -> tuple[Tensor, Metrics]:
+        if reference_logps is None:
+            if requires_reference:
+                raise ValueError(f"loss {name!r} needs reference_logps, got None")
+            reference_logps = torch.zeros_like(policy_logps)  # reference_free
+        return bound(policy_logps, reference_logps, rankings)
+
+    loss_fn.__name__ = f"loss_{name}"
+    loss_fn.listwise = True  # type: ignore[attr-defined]
+    loss_fn.requires_reference = requires_reference  # type: ignore[attr-defined]
+    loss_fn.ld_alpha = None  # type: ignore[attr-defined]
+    loss_fn.use_weighting = False  # type: ignore[attr-defined]
+    return loss_fn
+
+
 def _validate(name: str, args: tuple[Any, ...], requires_reference: bool) -> PairLogps:
-    arg_names = PairLogps._fields
+    arg_names = PairLogps._fields[:6]
     full = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
             "reference_rejected_logps", "chosen_lengths", "rejected_lengths")
     p = PairLogps(*args)
     shape = None
-    for field_name, arg_name, value in zip(arg_names, full, p, strict=True):
+    for field_name, arg_name, value in zip(arg_names, full, p[:6], strict=True):
         if value is None:
             if field_name.startswith("ref_") and not requires_reference:
                 continue
@@ -472,6 +579,10 @@ def get_loss(
     name: str | Sequence[str],
     loss_weights: Sequence[float] | None = None,
     params: dict[str, dict[str, Any]] | None = None,
+    *,
+    reference_free: bool = False,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
     **shared: Any,
 ) -> LossFn:
     """Look up a loss (or a weighted sum of several) by name and bind its parameters.
@@ -485,6 +596,18 @@ def get_loss(
     an error if none has); ``params[name]`` overrides them for that loss. Metrics of a combination:
     those of the first loss, plus keys only later losses have (e.g. ``nll``), plus ``loss/<name>``
     (unweighted) per loss. Unknown names, parameters or out-of-range values raise ValueError.
+
+    Options of the whole loss (TRL's DPOConfig names), read by the step (``prefixpo.step.pair_losses``)
+    from the returned function's attributes of the same names:
+
+    - ``reference_free``: the reference log-probs are taken as 0 (the function accepts None for them
+      and ``loss_fn.requires_reference`` is False), as the DPO reference code's ``reference_free``.
+    - ``ld_alpha`` (LD-DPO, Liu et al. 2024, arXiv:2409.06411): the step passes, for each side of a
+      pair, ``sum of its first min(len_c, len_r) token log-probs + ld_alpha * sum of the rest``
+      (policy and reference alike) instead of the plain sums. In [0, 1]; None is off (= 1).
+    - ``use_weighting`` (WPO, Zhou et al. 2024, arXiv:2406.11827, eq. 2): the step passes
+      ``pair_weights = w_c * w_r`` (detached), ``w = exp(mean over the response's tokens of
+      log p(token) - log sum_v p(v)^2)``, and each pair's loss is multiplied by it.
     """
     names = [name] if isinstance(name, str) else list(name)
     if not names:
@@ -513,7 +636,25 @@ def get_loss(
     for n in names:
         own = {k: v for k, v in shared.items() if k in LOSSES[n].defaults or len(names) == 1}
         bound.append(_bind(n, {**own, **params.get(n, {})}))
-    requires_reference = loss_requires_reference(names)
+    if not isinstance(reference_free, bool):
+        raise ValueError(f"reference_free must be true or false, got {reference_free!r}")
+    if ld_alpha is not None and not (_is_number(ld_alpha) and 0.0 <= ld_alpha <= 1.0):
+        raise ValueError(f"ld_alpha must be a number in [0, 1] or None, got {ld_alpha!r}")
+    if not isinstance(use_weighting, bool):
+        raise ValueError(f"use_weighting must be true or false, got {use_weighting!r}")
+    sorting = [n for n in names if LOSSES[n].fn in (aot, aot_pair)]
+    if use_weighting and sorting:
+        raise ValueError(f"use_weighting (WPO) cannot weight {sorting}: they sort pairs across the batch, so a "
+                         "pair's loss is not its own (TRL refuses this too)")
+    requires_reference = loss_requires_reference(names) and not reference_free
+    if any(LOSSES[n].listwise for n in names):
+        if len(names) > 1:
+            raise ValueError(f"the listwise loss has one loss per group, not per pair: it cannot be combined "
+                             f"with other losses ({names})")
+        if ld_alpha is not None or use_weighting:
+            raise ValueError("ld_alpha and use_weighting are per-pair options; the listwise loss takes neither")
+        return _listwise_fn(names[0], bound[0], requires_reference)
+    zero_reference = reference_free and loss_requires_reference(names)
     label = names[0] if len(names) == 1 else "+".join(names)
     weights = [float(w) for w in loss_weights]
 
@@ -524,12 +665,24 @@ def get_loss(
         reference_rejected_logps: Tensor | None,
         chosen_lengths: Tensor,
         rejected_lengths: Tensor,
+        pair_weights: Tensor | None = None,
+        nll_chosen_logps: Tensor | None = None,
     ) -> tuple[Tensor, Metrics]:
+        if zero_reference:
+            reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
+            reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
         p = _validate(label, (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                              reference_rejected_logps, chosen_lengths, rejected_lengths), requires_reference)
+                              reference_rejected_logps, chosen_lengths, rejected_lengths),
+                      requires_reference or zero_reference)
+        if nll_chosen_logps is not None:
+            p = p._replace(nll_c=nll_chosen_logps)
+        if use_weighting and pair_weights is None:
+            raise ValueError(f"loss {label!r} with use_weighting needs pair_weights (the step computes them)")
+        scale = pair_weights.detach() if use_weighting and pair_weights is not None else None
         if len(bound) == 1:
             losses, metrics = bound[0](p)
-            return (losses if weights[0] == 1.0 else weights[0] * losses), metrics
+            losses = losses if weights[0] == 1.0 else weights[0] * losses
+            return (losses if scale is None else losses * scale), metrics
         total: Tensor | None = None
         metrics: Metrics = {}
         for n, w, fn in zip(names, weights, bound, strict=True):
@@ -539,7 +692,10 @@ def get_loss(
                 metrics.setdefault(k, v)
             metrics[f"loss/{n}"] = losses.detach()
         assert total is not None
-        return total, metrics
+        return (total if scale is None else total * scale), metrics
 
     loss_fn.__name__ = f"loss_{label}"
+    loss_fn.requires_reference = requires_reference  # type: ignore[attr-defined]
+    loss_fn.ld_alpha = ld_alpha  # type: ignore[attr-defined]
+    loss_fn.use_weighting = use_weighting  # type: ignore[attr-defined]
     return loss_fn

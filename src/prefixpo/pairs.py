@@ -23,7 +23,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-PAIR_STRATEGIES = ("all", "best_vs_each", "best_vs_worst")
+PAIR_STRATEGIES = ("all", "best_vs_each", "best_vs_worst", "ranking")
 Scores = Sequence[Sequence[float]] | Tensor
 
 
@@ -32,7 +32,9 @@ class PairConfig:
     """How pairs are formed inside a group.
 
     ``strategy``: ``all`` (every pair i, j with s_i > s_j), ``best_vs_each`` (the best response
-    against every other) or ``best_vs_worst`` (one pair per group). ``min_gap``: a pair is kept
+    against every other), ``best_vs_worst`` (one pair per group) or ``ranking`` (for the ``listwise``
+    loss: one entry per group, best vs worst, plus the group's full ranking in
+    ``BatchPairs.rankings``; ``min_gap`` still decides whether best vs worst makes a group). ``min_gap``: a pair is kept
     only if ``s_chosen - s_rejected >= min_gap`` and ``> 0`` (a tie never makes a pair).
     """
 
@@ -76,7 +78,7 @@ def group_pairs(scores: Sequence[float], strategy: str = "all", min_gap: float =
     if config.strategy == "best_vs_each":
         return [(best, j) for j in range(len(s)) if j != best and keep(best, j)]
     worst = min(range(len(s)), key=lambda i: (s[i], i))
-    return [(best, worst)] if keep(best, worst) else []
+    return [(best, worst)] if keep(best, worst) else []  # best_vs_worst, ranking
 
 
 @dataclass
@@ -85,13 +87,15 @@ class BatchPairs:
 
     ``chosen_idx``, ``rejected_idx``, ``pair_group``: LongTensor ``[num_pairs]`` (response indices
     into ``[R]`` and each pair's group). ``skipped_groups``: groups that gave no pair (ties, gaps
-    below ``min_gap``, a single response); the caller should log ``num_skipped``.
+    below ``min_gap``, a single response); the caller should log ``num_skipped``. ``rankings``
+    (strategy ``ranking`` only): per entry, its group's flat response indices best-first.
     """
 
     chosen_idx: Tensor
     rejected_idx: Tensor
     pair_group: Tensor
     skipped_groups: list[int]
+    rankings: list[Tensor] | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -147,8 +151,12 @@ def batch_pairs(
     rejected: list[int] = []
     group: list[int] = []
     skipped: list[int] = []
+    rankings: list[Tensor] = []
     for g, (s, offset) in enumerate(zip(per_group, offsets, strict=True)):
         pairs = group_pairs(s, strategy, min_gap)
+        if pairs and strategy == "ranking":
+            order = torch.sort(torch.tensor(s, dtype=torch.float64), descending=True, stable=True).indices
+            rankings.append((order + offset).to(response_group.device))
         if not pairs:
             if on_no_pair == "error":
                 raise ValueError(f"group {g} with scores {s} has no pair with a gap > 0 and >= {min_gap}")
@@ -164,7 +172,8 @@ def batch_pairs(
     def as_long(x: list[int]) -> Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    return BatchPairs(as_long(chosen), as_long(rejected), as_long(group), skipped)
+    return BatchPairs(as_long(chosen), as_long(rejected), as_long(group), skipped,
+                      rankings if strategy == "ranking" else None)
 
 
 def rank_groups(scores: Scores, response_group: Tensor) -> tuple[list[Tensor], list[int]]:

@@ -119,15 +119,61 @@ def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_S
     return fn
 
 
+def _ld_sums(logps: ResponseLogps, side: torch.Tensor, other: torch.Tensor, ld_alpha: float,
+             what: str) -> torch.Tensor:
+    """LD-DPO log-probs of responses ``side`` paired with ``other`` ``[num_pairs]``: the sum of the
+    first ``min(len_side, len_other)`` token log-probs plus ``ld_alpha`` times the sum of the rest.
+    A response's scored tokens are contiguous and in order in ``token_logps``, packed or not."""
+    counts = logps.counts
+    if logps.token_logps.numel() != int(counts.sum()):
+        raise ValueError(f"ld_alpha needs the {what}'s per-token log-probs; a precomputed reference keeps only "
+                         "sums (use reference_mode: model)")
+    starts = torch.cumsum(counts, 0) - counts
+    # prefix sums in fp64: a packed row's running sum grows with its tokens; its differences must stay exact
+    cum = torch.cat([logps.token_logps.new_zeros(1, dtype=torch.float64), logps.token_logps.double().cumsum(0)])
+    shared = torch.minimum(counts[side], counts[other])
+    head = (cum[starts[side] + shared] - cum[starts[side]]).to(logps.sums.dtype)
+    return head + ld_alpha * (logps.sums[side] - head)
+
+
+def wpo_weights(logps: ResponseLogps) -> torch.Tensor:
+    """WPO weights ``[R]`` (Zhou et al. 2024, arXiv:2406.11827, eq. 2): ``exp`` of the mean over a
+    response's tokens of ``log p(token) - log sum_v p(v)^2`` (detached); needs ``token_log_sum_sq``."""
+    if logps.token_log_sum_sq is None:
+        raise ValueError("use_weighting needs per-token log sum_v p(v)^2 (compute_logps(..., log_sum_sq=True))")
+    aligned = (logps.token_logps.detach() - logps.token_log_sum_sq).double()
+    response = torch.repeat_interleave(torch.arange(logps.counts.numel(), device=aligned.device), logps.counts)
+    sums = torch.zeros(logps.counts.numel(), dtype=torch.float64, device=aligned.device).index_add(0, response, aligned)
+    return torch.exp(sums / logps.counts).to(logps.sums.dtype)
+
+
 def pair_losses(logps: ResponseLogps, reference: ResponseLogps | None, pairs: BatchPairs,
                 loss_fn: LossFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``loss_fn`` over a batch's pairs: per-pair losses ``[num_pairs]`` and metrics."""
+    """``loss_fn`` over a batch's pairs: per-pair losses ``[num_pairs]`` and metrics (a listwise loss:
+    per ranked group, ``pairs`` then holding one entry per group).
+
+    The options a ``get_loss`` function carries are applied here: ``ld_alpha`` (per-pair LD-DPO
+    sums from the token log-probs) and ``use_weighting`` (WPO ``pair_weights``)."""
+    if getattr(loss_fn, "listwise", False):  # one loss per ranked group; pairs holds one entry per group
+        if pairs.rankings is None:
+            raise ValueError("the listwise loss needs rankings: set pair_strategy: ranking")
+        return loss_fn(logps.sums, reference.sums if reference is not None else None, pairs.rankings)
     c = pairs.chosen_idx.to(logps.sums.device, non_blocking=True)
     r = pairs.rejected_idx.to(logps.sums.device, non_blocking=True)
-    return loss_fn(logps.sums[c], logps.sums[r],
-                   reference.sums[c] if reference is not None else None,
-                   reference.sums[r] if reference is not None else None,
-                   logps.counts[c], logps.counts[r])
+    ld_alpha = getattr(loss_fn, "ld_alpha", None)
+
+    def sides(x: ResponseLogps, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if ld_alpha is None:
+            return x.sums[c], x.sums[r]
+        return _ld_sums(x, c, r, ld_alpha, what), _ld_sums(x, r, c, ld_alpha, what)
+
+    pc, pr = sides(logps, "policy")
+    rc, rr = sides(reference, "reference") if reference is not None else (None, None)
+    extra = {} if ld_alpha is None else {"nll_chosen_logps": logps.sums[c]}  # NLL terms: plain sums (TRL)
+    if getattr(loss_fn, "use_weighting", False):
+        w = wpo_weights(logps)
+        extra["pair_weights"] = w[c] * w[r]
+    return loss_fn(pc, pr, rc, rr, logps.counts[c], logps.counts[r], **extra)
 
 
 def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn,
@@ -157,7 +203,7 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
     for i, (mb, pr) in enumerate(zip(micro_batches, pairs)):
         with _no_sync_context(no_sync, i, len(micro_batches)):
             masks = build_attention_masks(policy, mb)  # once, for the policy and the reference
-            logps = compute_logps(policy, mb, masks, chunk_size)
+            logps = compute_logps(policy, mb, masks, chunk_size, log_sum_sq=getattr(loss_fn, "use_weighting", False))
             if pr.num_pairs == 0:  # an empty row: still run backward, so data-parallel ranks stay in step
                 backward(logps.token_logps.sum() * 0.0)
                 continue

@@ -342,7 +342,7 @@ def evaluate(policy, groups, cfg: TrainConfig, loss_fn, reference, accelerator) 
         for rows in step:
             batch = make_batch(groups, rows, cfg, accelerator.device)
             masks = build_attention_masks(policy, batch)
-            logps = compute_logps(policy, batch, masks, cfg.logps_chunk_size)
+            logps = compute_logps(policy, batch, masks, cfg.logps_chunk_size, log_sum_sq=cfg.use_weighting)
             if cfg.stage == "sft":
                 sums["loss"] = sums.get("loss", 0.0) - logps.token_logps.double().sum()
                 count += batch.scored_targets.numel()
@@ -407,7 +407,7 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
     from prefixpo.step import reference_from_model
     from prefixpo.zero import apply_attention, frozen_engine, is_partitioned, whole_model_loading, zero_stage
 
-    if cfg.stage == "sft" or not loss_requires_reference(cfg.loss_type):
+    if cfg.stage == "sft" or not loss_requires_reference(cfg.loss_type, cfg.reference_free):
         if cfg.reference_mode not in ("auto", "none"):
             print(f"note: loss {cfg.loss_type} needs no reference; reference_mode ignored", file=sys.stderr)
         return None, None, "none"
@@ -602,6 +602,10 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         model = load_model(source, cfg, cfg.seed, dtype=torch.float32 if resume_weights and master else None)
     if cfg.use_peft:
         model = apply_lora(model, cfg, checkpoint)
+    if cfg.disable_dropout:  # TRL's default: every nn.Dropout, LoRA's included, gets p = 0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     if master:
         upcast_trainable(model)
     if cfg.gradient_checkpointing:
