@@ -78,6 +78,7 @@ class TrainConfig:
     # (FSDP2 always does this); false holds them in bf16
     fp32_master_weights: bool = False
     gradient_checkpointing: bool = False
+    disable_dropout: bool = False  # every torch.nn.Dropout of the policy to p=0 (LoRA's too), as TRL's default
     torch_compile: bool = False
     # preference loss
     beta: float = 0.1
@@ -328,6 +329,10 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(raw).__name__}")
+    from prefixpo.trl_config import is_trl_config, read_trl  # a `trl dpo --config` YAML (docs/training.md)
+
+    if is_trl_config(raw):
+        raw = read_trl(raw, str(path))
     stages = raw.pop("stages", None) or [{}]
     _check_keys(list(raw), str(path))
     top = dict(raw)

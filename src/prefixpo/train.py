@@ -602,6 +602,10 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         model = load_model(source, cfg, cfg.seed, dtype=torch.float32 if resume_weights and master else None)
     if cfg.use_peft:
         model = apply_lora(model, cfg, checkpoint)
+    if cfg.disable_dropout:  # after the adapters, as TRL does: their dropout too
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     if master:
         upcast_trainable(model)
     if cfg.gradient_checkpointing:
