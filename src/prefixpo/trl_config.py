@@ -195,6 +195,15 @@ def disable_dropout(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def load_in_4bit(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """prefixpo's QLoRA: NF4 with its constants quantized too, bf16 compute (TRL computes in ``dtype``)."""
+    if value and not values.get("use_bnb_nested_quant"):
+        raise refuse("use_bnb_nested_quant", False, "prefixpo's QLoRA quantizes its constants too: set it true")
+    if value and values["dtype"] not in ("bfloat16", "bf16"):
+        raise refuse("dtype", values["dtype"], "prefixpo's QLoRA computes in bf16: set dtype: bfloat16")
+    return {"load_in_4bit": bool(value)}
+
+
 def truncation_mode(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     if value != "keep_start":
         raise refuse("truncation_mode", value, "prefixpo cuts a long row's responses at their end: keep_start")
@@ -242,7 +251,8 @@ MAPPED: dict[str, str | Converter] = {
     "dataset_config": consumed, "dataset_train_split": consumed, "dataset_test_split": consumed,
     "test_split_size": consumed, "dtype": precision, "torch_dtype": consumed,
     "use_peft": "use_peft", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-    "lora_target_modules": "lora_target_modules", "load_in_4bit": "load_in_4bit",
+    "lora_target_modules": "lora_target_modules", "load_in_4bit": load_in_4bit,
+    "use_bnb_nested_quant": consumed,
     # DPOConfig
     "model_init_kwargs": model_init_kwargs, "trust_remote_code": "trust_remote_code",
     "disable_dropout": disable_dropout, "dataset_num_proc": lambda v, _: {"dataset_num_proc": v or 1},
@@ -286,7 +296,6 @@ HONOURED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_rslora": ((False,), "rank-stabilised LoRA"), "use_dora": ((False,), "DoRA"),
     "load_in_8bit": ((False,), "8-bit base weights; QLoRA is load_in_4bit"),
     "bnb_4bit_quant_type": (("nf4",), "prefixpo's QLoRA is NF4"),
-    "use_bnb_nested_quant": ((True,) , "prefixpo's QLoRA quantizes its constants too: set it true"),
     "router_aux_loss_coef": ((None,), "a Mixture-of-Experts auxiliary loss"),
     "max_completion_length": ((None,), "prefixpo bounds prompt + response by max_length"),
     "lr_scheduler_kwargs": ((None, {}), "scheduler arguments"),
