@@ -32,13 +32,12 @@ Keys that only prefixpo has (``tokenizer_name_or_path``, ``max_samples``, ...) p
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from prefixpo.config import FIELDS, ConfigError, TrainConfig
+from prefixpo.config import FIELDS, ConfigError
 
 Converter = Callable[[Any, Mapping[str, Any]], dict[str, Any]]
 KEEP_ALL = 1_000_000  # save_total_limit for TRL's null (keep every checkpoint)
@@ -91,10 +90,16 @@ def discopop_tau(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     return {"loss_params": params if len(names) == 1 else {"discopop": params}}
 
 
+def weights_dtype(values: Mapping[str, Any]) -> Any:
+    """The dtype TRL loads the weights in: ``model_init_kwargs`` over ``dtype`` (``torch_dtype``: older)."""
+    init = values.get("model_init_kwargs") or {}
+    top = values["torch_dtype"] if "torch_dtype" in values and values["dtype"] == "float32" else values["dtype"]
+    return init.get("dtype", init.get("torch_dtype", top))
+
+
 def precision(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     """``bf16`` with the weights' ``dtype``: fp32 weights under bf16 autocast, or bf16 weights."""
-    init = values.get("model_init_kwargs") or {}
-    dtype = init.get("dtype", init.get("torch_dtype", values.get("torch_dtype", values["dtype"])))
+    dtype = weights_dtype(values)
     if values.get("fp16"):
         raise refuse("fp16", True, "fp16 mixed precision; use bf16")
     bf16 = (not values.get("fp16")) if values["bf16"] is None else bool(values["bf16"])
@@ -199,8 +204,8 @@ def load_in_4bit(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     """prefixpo's QLoRA: NF4 with its constants quantized too, bf16 compute (TRL computes in ``dtype``)."""
     if value and not values.get("use_bnb_nested_quant"):
         raise refuse("use_bnb_nested_quant", False, "prefixpo's QLoRA quantizes its constants too: set it true")
-    if value and values["dtype"] not in ("bfloat16", "bf16"):
-        raise refuse("dtype", values["dtype"], "prefixpo's QLoRA computes in bf16: set dtype: bfloat16")
+    if value and weights_dtype(values) not in ("bfloat16", "bf16"):
+        raise refuse("dtype", weights_dtype(values), "prefixpo's QLoRA computes in bf16: set dtype: bfloat16")
     return {"load_in_4bit": bool(value)}
 
 
@@ -392,13 +397,6 @@ def ignored_keys(raw: Mapping[str, Any], values: Mapping[str, Any]) -> list[str]
               "eval_steps": values["eval_strategy"] == "no", "dataset_test_split": values["eval_strategy"] == "no",
               "dataset_name": bool(values.get("datasets"))}
     return [key for key in raw if key in IGNORED or unused.get(key, False)]
-
-
-def prefixpo_defaults_replaced() -> dict[str, tuple[Any, Any]]:
-    """``prefixpo key -> (prefixpo's default, TRL's)`` where a TRL config gets TRL's default."""
-    converted, _ = from_trl({"dataset_name": "d"})
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    return {k: (defaults[k], v) for k, v in converted.items() if k in defaults and defaults[k] != v}
 
 
 def read_trl(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
