@@ -366,6 +366,10 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(raw).__name__}")
+    from prefixpo.trl_config import is_trl_config, read_trl  # a `trl dpo --config` YAML (docs/training.md)
+
+    if is_trl_config(raw):
+        raw = read_trl(raw, str(path))
     stages = raw.pop("stages", None) or [{}]
     _check_keys(list(raw), str(path))
     top = dict(raw)

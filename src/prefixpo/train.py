@@ -602,7 +602,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         model = load_model(source, cfg, cfg.seed, dtype=torch.float32 if resume_weights and master else None)
     if cfg.use_peft:
         model = apply_lora(model, cfg, checkpoint)
-    if cfg.disable_dropout:  # TRL's default: every nn.Dropout, LoRA's included, gets p = 0
+    if cfg.disable_dropout:  # TRL's default, after the adapters as TRL does: every nn.Dropout gets p = 0
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
