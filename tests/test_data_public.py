@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 from test_data_tokenizers import FIXTURES, make_tokenizer
@@ -125,3 +127,20 @@ def test_bad_nested_value_names_row_and_column(tmp_path):
     path.write_text('{"qid": 1, "question": "Q?", "answers": [{"text": "a", "pm_score": 1}, {"text": "b"}]}\n')
     with pytest.raises(DataError, match=r"line 1, column answers\[1\]"):
         load_groups(DataConfig(str(path), cache_dir=None), make_tokenizer("chatml"))
+
+
+def test_prepare_reports_the_merge(tmp_path, capsys):
+    from test_data_prepare import run, saved_tokenizer
+
+    argv = ["--dataset", str(PUBLIC / "shp.jsonl"), "--tokenizer", saved_tokenizer(tmp_path),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert "format pairwise (shp), 4 rows read, 4 kept" in out and "merged 3 rows sharing a prompt into 1 groups" in out
+    assert "groups               2 (5 responses)" in out
+    assert run(argv + ["--json"]) == 0  # from the cache: the merge counts come back with it
+    line = json.loads(capsys.readouterr().out)
+    assert line["cache_hit"] and line["merge"]["rows"] == 3 and line["merge"]["groups"] == 1
+    assert line["merge"]["tokens_before"] > line["merge"]["tokens_after"]
+    assert run(argv + ["--json", "--no-merge-prompts"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["groups"] == 4

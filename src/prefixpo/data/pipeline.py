@@ -254,7 +254,6 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
     kept = kept.flatten_indices()
     if cfg.merge_prompts:
         kept, report.merge = merge_prompts(kept, datasets.Features({k: FEATURES[k] for k in GROUP_COLUMNS}))
-        report.rows_kept = len(kept)
     if path is not None:
         _save_cache(path, kept, report)
         kept = datasets.load_from_disk(os.path.join(path, "groups"))
