@@ -25,11 +25,17 @@ PAD_DOCUMENT = -1  # document id of padding tokens: they form their own document
 
 @dataclass(frozen=True)
 class Group:
-    """One prompt and its responses, as token ids (``scores`` rank the responses, if known)."""
+    """One prompt and its responses, as token ids (``scores`` rank the responses, if known).
+
+    ``pairs``: the group's own ``(chosen, rejected)`` response indices, when the data fixes them
+    (rows that share a prompt, merged into one group); they are trained as they are, instead of
+    pairs formed from ``scores`` (``step.batch_pair_indices``).
+    """
 
     prompt_ids: Sequence[int]
     response_ids: Sequence[Sequence[int]]
     scores: Sequence[float] | None = None
+    pairs: Sequence[Sequence[int]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +71,7 @@ class GroupLayout:
     scored_response: list[int]
     num_responses: int
     scores: list[float] | None = None
+    pairs: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -119,7 +126,22 @@ def layout_group(group: Group, share_prefix: bool = True) -> GroupLayout:
         if len(scores) != len(responses):
             raise ValueError(f"the group has {len(responses)} responses but {len(scores)} scores")
     return GroupLayout(input_ids, position_ids, segment_ids, scored_source, scored_targets,
-                       scored_response, len(responses), scores)
+                       scored_response, len(responses), scores, check_pairs(group.pairs, len(responses)))
+
+
+def check_pairs(pairs: Sequence[Sequence[int]] | None, num_responses: int) -> list[tuple[int, int]] | None:
+    """A group's explicit pairs as ``(chosen, rejected)`` tuples, checked against its responses.
+
+    >>> check_pairs([[0, 1], [2, 1]], 3)
+    [(0, 1), (2, 1)]
+    """
+    if pairs is None:
+        return None
+    out = [(int(c), int(r)) for c, r in pairs]
+    for c, r in out:
+        if c == r or not (0 <= c < num_responses and 0 <= r < num_responses):
+            raise ValueError(f"pair ({c}, {r}) does not name two different responses of a group of {num_responses}")
+    return out
 
 
 @dataclass
@@ -147,6 +169,8 @@ class Batch:
     num_groups: int
     response_scores: torch.Tensor | None = None  # [R] float, NaN where a group has no scores
     group_ids: torch.Tensor | None = None  # [num_groups] the caller's ids of the batch's groups
+    # [P, 3] (chosen, rejected, group) of the groups with explicit pairs, flat response indices
+    explicit_pairs: torch.Tensor | None = None
 
     @property
     def num_responses(self) -> int:
@@ -199,6 +223,7 @@ def build_batch(rows: Sequence[Sequence[GroupLayout]], row_length: int | None = 
     response_lengths: list[int] = []
     response_group: list[int] = []
     response_scores: list[float] = []
+    explicit: list[tuple[int, int, int]] = []
     group_index = 0
     for r, row in enumerate(rows):
         offset = 0
@@ -216,6 +241,7 @@ def build_batch(rows: Sequence[Sequence[GroupLayout]], row_length: int | None = 
             response_lengths += [g.scored_response.count(i) for i in range(g.num_responses)]
             response_group += [group_index] * g.num_responses
             response_scores += list(g.scores) if g.scores is not None else [float("nan")] * g.num_responses
+            explicit += [(first_response + c, first_response + j, group_index) for c, j in g.pairs or ()]
             offset += len(g)
             group_index += 1
     return Batch(
@@ -232,6 +258,7 @@ def build_batch(rows: Sequence[Sequence[GroupLayout]], row_length: int | None = 
         response_scores=torch.tensor(response_scores, dtype=torch.float32),
         group_ids=(torch.tensor([i for row in group_ids for i in row], dtype=torch.long)
                    if group_ids is not None else None),
+        explicit_pairs=torch.tensor(explicit, dtype=torch.long).reshape(-1, 3) if explicit else None,
     )
 
 

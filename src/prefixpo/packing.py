@@ -79,7 +79,7 @@ def fit_group(group: Group, capacity: int) -> Group:
         else:
             raise ValueError(f"a group of {len(responses)} responses cannot fit in {capacity} tokens")
         excess -= 1
-    return Group(prompt, responses, group.scores)
+    return Group(prompt, responses, group.scores, group.pairs)
 
 
 def check_lengths(groups: Sequence[Group], config: PackingConfig) -> tuple[list[Group], list[int], list[int]]:

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-bad-row", default=s, choices=ON_BAD_ROW)
     parser.add_argument("--chat-template", dest="use_chat_template", default=s, action=argparse.BooleanOptionalAction,
                         help="use the tokenizer's chat template (default: when it has one)")
+    parser.add_argument("--merge-prompts", dest="merge_prompts", default=s, action=argparse.BooleanOptionalAction,
+                        help="merge rows that share a prompt into one group (default: on)")
+    parser.add_argument("--preference-column", default=s,
+                        help="PKU-SafeRLHF style data: the id column of the preferred response (better_response_id)")
     parser.add_argument("--num-proc", default=s, type=int)
     parser.add_argument("--cache-dir", default=s)
     parser.add_argument("--no-cache", dest="use_cache", default=s, action="store_false")
@@ -105,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"rows_read": report.rows_read, "rows_kept": report.rows_kept,
                           "bad": report.counts(report.bad_rows), "filtered": report.counts(report.filtered),
-                          "truncated": report.truncated, "cache_hit": report.cache_hit,
+                          "truncated": report.truncated, "format": report.format, "merge": asdict(report.merge),
+                          "cache_hit": report.cache_hit,
                           "seconds": round(report.seconds, 3), "stats": asdict(stats) if stats else None}))
         return 0
     print(report.summary())

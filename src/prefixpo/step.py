@@ -29,8 +29,9 @@ from prefixpo.pairs import BatchPairs, PairConfig, batch_pairs
 
 
 def batch_pair_indices(batch: Batch, pair_config: PairConfig | None = None) -> BatchPairs:
-    """Pairs of a batch. A group with scores gives pairs by ``pair_config``; a group without is a
-    (chosen, rejected) pair: response 0 preferred to response 1."""
+    """Pairs of a batch. A group with its own pairs (``Group.pairs``, e.g. rows merged by prompt)
+    gives exactly those; a group with scores gives pairs by ``pair_config``; a group without either
+    is a (chosen, rejected) pair: response 0 preferred to response 1. Pairs come group by group."""
     if batch.num_groups == 0:  # an empty padding row
         empty = torch.zeros(0, dtype=torch.long)
         return BatchPairs(empty, empty, empty, [])
@@ -39,6 +40,12 @@ def batch_pair_indices(batch: Batch, pair_config: PairConfig | None = None) -> B
     scores = batch.response_scores.cpu() if batch.response_scores is not None else None
     if scores is None:
         scores = torch.full((int(sizes.sum()),), float("nan"))
+    explicit = batch.explicit_pairs.cpu() if batch.explicit_pairs is not None else torch.zeros(0, 3, dtype=torch.long)
+    has_own = torch.zeros(batch.num_groups, dtype=torch.bool)
+    has_own[explicit[:, 2]] = True
+    first = torch.cat([torch.ones(1, dtype=torch.bool), response_group[1:] != response_group[:-1]])
+    # a group with its own pairs gets placeholder scores (first response best); their pairs are dropped below
+    scores = torch.where(has_own[response_group], first.to(scores.dtype), scores)
     unscored = torch.isnan(scores)
     if bool(unscored.any()):
         group_unscored = torch.zeros(batch.num_groups, dtype=torch.bool).index_fill_(
@@ -48,10 +55,17 @@ def batch_pair_indices(batch: Batch, pair_config: PairConfig | None = None) -> B
             g = int(bad[0])
             raise ValueError(f"group {g} of the batch has {int(sizes[g])} responses and no scores; groups "
                              "without scores must be (chosen, rejected) pairs")
-        first = torch.cat([torch.ones(1, dtype=torch.bool), response_group[1:] != response_group[:-1]])
         scores = torch.where(unscored, first.float(), scores)  # chosen 1, rejected 0
     config = pair_config or PairConfig()
-    return batch_pairs(scores, response_group, config.strategy, config.min_gap)
+    scored = batch_pairs(scores, response_group, config.strategy, config.min_gap)
+    if not len(explicit):
+        return scored
+    keep = ~has_own[scored.pair_group]
+    chosen = torch.cat([scored.chosen_idx[keep], explicit[:, 0]])
+    rejected = torch.cat([scored.rejected_idx[keep], explicit[:, 1]])
+    group = torch.cat([scored.pair_group[keep], explicit[:, 2]])
+    order = torch.sort(group, stable=True).indices
+    return BatchPairs(chosen[order], rejected[order], group[order], scored.skipped_groups)
 
 
 def global_sum(value: float, device: torch.device | str = "cpu") -> float:

@@ -9,7 +9,10 @@ from typing import Any
 
 from prefixpo.data.errors import DataError
 
-FORMATS = ("auto", "explicit", "implicit", "ranked", "pairwise", "sft")
+BASE_FORMATS = ("auto", "explicit", "implicit", "ranked", "pairwise", "sft")
+SCHEMA_FORMATS = ("ultrafeedback_binarized", "capybara_dpo", "orca_dpo_pairs", "shp", "stack_exchange",
+                  "ultrafeedback", "nectar", "summarize_from_feedback", "pku_saferlhf")  # data/schemas.py
+FORMATS = BASE_FORMATS + SCHEMA_FORMATS
 TRUNCATION = ("keep_end", "keep_start", "drop", "error")
 ON_BAD_ROW = ("error", "skip")
 
@@ -36,6 +39,10 @@ class DataConfig:
       filtered out (counted). ``on_bad_row``: ``error`` stops at the first bad row, ``skip`` skips
       and reports every one.
     - ``use_chat_template``: ``None`` uses the tokenizer's chat template when it has one.
+    - ``merge_prompts``: rows whose prompts tokenize the same and whose pairs are fixed by the data
+      become one group with all their responses and exactly their pairs (``data/merge.py``).
+    - ``preference_column``: which id column names the preferred response in PKU-SafeRLHF style
+      data (default ``better_response_id``; e.g. ``safer_response_id``).
     """
 
     dataset: str
@@ -57,6 +64,8 @@ class DataConfig:
     num_proc: int = 1
     cache_dir: str | None = field(default_factory=default_cache_dir)
     use_cache: bool = True
+    merge_prompts: bool = True
+    preference_column: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, message: str) -> DataError:
@@ -73,7 +82,8 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise bad(name, "must be a positive integer")
-        for name, optional in (("shuffle", False), ("use_cache", False), ("use_chat_template", True)):
+        for name, optional in (("shuffle", False), ("use_cache", False), ("use_chat_template", True),
+                               ("merge_prompts", False)):
             if not isinstance(getattr(self, name), bool) and not (optional and getattr(self, name) is None):
                 raise bad(name, "must be true or false" + (" (or null)" if optional else ""))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -93,9 +103,9 @@ class DataConfig:
             if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                       for k, v in value.items()):
                 raise bad(name, "must map names to names ({prompt: question})")
-        for name in ("split", "subset"):
+        for name in ("split", "subset", "preference_column"):
             value = getattr(self, name)
-            if not (isinstance(value, str) and value) and not (name == "subset" and value is None):
+            if not (isinstance(value, str) and value) and not (name != "split" and value is None):
                 raise bad(name, "must be a non-empty string")
 
     @classmethod

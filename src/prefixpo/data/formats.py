@@ -36,13 +36,13 @@ COLUMNS = {  # format -> alternative sets of required canonical columns, in dete
     "implicit": [("chosen", "rejected")],
     "sft": [("messages",), ("prompt", "completion")],
 }
-OPTIONAL = ("score_a", "score_b", "label")
+OPTIONAL = ("score_a", "score_b", "label", "system")
 # Column names some public datasets use for a canonical column (names only, used by auto-detection).
 ALIASES = {"prompt": ("history", "instruction", "question"), "response_a": ("human_ref_A",),
            "response_b": ("human_ref_B",), "score_a": ("score_A",), "score_b": ("score_B",),
            "label": ("labels",)}
 TEXT_KEYS = ("text", "response", "completion", "content")
-SCORE_KEYS = ("score", "rating", "overall_score")
+SCORE_KEYS = ("score", "rating", "overall_score", "pm_score")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Example:
     prompt: Turns
     responses: list[Turns]
     scores: list[float] | None = None
+    pairs: list[tuple[int, int]] | None = None  # (chosen, rejected) fixed by the row, if any
 
 
 class RowFiltered(RowError):
@@ -216,8 +217,13 @@ def _check_distinct(example: Example, column: str) -> Example:
 
 def _explicit(row: dict[str, Any], cols: dict[str, str], role_map: dict[str, str], _: float | None) -> Example:
     prompt = _turns(_get(row, cols, "prompt"), cols["prompt"], role_map)
-    responses = [_strip_prompt(prompt, _turns(_get(row, cols, c), cols[c], role_map)) for c in ("chosen", "rejected")]
-    return _check_distinct(_unify(Example(prompt, responses)), f"{cols['chosen']}/{cols['rejected']}")
+    column = f"{cols['chosen']}/{cols['rejected']}"
+    whole = [_turns(_get(row, cols, c), cols[c], role_map) for c in ("chosen", "rejected")]
+    responses = [_strip_prompt(prompt, r) for r in whole]
+    if all(isinstance(r, list) for r in whole) and any(r[0]["role"] != "assistant" for r in responses):
+        # whole conversations (UltraFeedback binarized, Capybara): what they share is the prompt
+        return _check_distinct(split_shared(whole[0], whole[1], column), column)  # type: ignore[arg-type]
+    return _check_distinct(_unify(Example(prompt, responses)), column)
 
 
 def _implicit(row: dict[str, Any], cols: dict[str, str], role_map: dict[str, str], _: float | None) -> Example:
@@ -325,6 +331,26 @@ def _sft(row: dict[str, Any], cols: dict[str, str], role_map: dict[str, str], _:
     return _check_distinct(_unify(Example(prompt, [_strip_prompt(prompt, completion)])), cols["completion"])
 
 
+def with_system(example: Example, row: dict[str, Any], cols: dict[str, str]) -> Example:
+    """Put a ``system`` column's text first in the prompt, as a system turn (empty text: no turn).
+
+    >>> with_system(Example("Hi", ["Hello"]), {"system": "Be brief."}, {"system": "system"}).prompt
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
+    """
+    if "system" not in cols or row.get(cols["system"]) is None:
+        return example
+    value = row[cols["system"]]
+    if not isinstance(value, str):
+        raise RowError("non_string", cols["system"], f"{cols['system']} is {type(value).__name__}, expected a string",
+                       "store the system prompt as a string")
+    prompt = example.prompt if isinstance(example.prompt, list) else [{"role": "user", "content": example.prompt}]
+    if not value.strip() or prompt[0]["role"] == "system":
+        return example
+    unified = _unify(Example(prompt, example.responses, example.scores, example.pairs))
+    return Example([{"role": "system", "content": value}, *unified.prompt], unified.responses, unified.scores,  # type: ignore[misc]
+                   unified.pairs)
+
+
 PARSERS = {"explicit": _explicit, "implicit": _implicit, "ranked": _ranked, "pairwise": _pairwise, "sft": _sft}
 
 
@@ -334,6 +360,9 @@ def parse_row(row: dict[str, Any], fmt: str, cols: dict[str, str], role_map: dic
 
     >>> cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
     >>> parse_row({"prompt": "2+2?", "chosen": "4", "rejected": "5"}, "explicit", cols)
-    Example(prompt='2+2?', responses=['4', '5'], scores=None)
+    Example(prompt='2+2?', responses=['4', '5'], scores=None, pairs=None)
     """
-    return PARSERS[fmt](row, cols, role_map or {}, min_score_ratio)
+    from prefixpo.data.schemas import SCHEMA_PARSERS
+
+    parser = SCHEMA_PARSERS.get(fmt) or PARSERS[fmt]
+    return with_system(parser(row, cols, role_map or {}, min_score_ratio), row, cols)

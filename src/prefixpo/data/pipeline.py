@@ -23,8 +23,10 @@ import datasets
 
 from prefixpo.data.config import DataConfig
 from prefixpo.data.errors import BadRow, DataError, RowError, bad_row_error
-from prefixpo.data.formats import RowFiltered, parse_row, resolve_columns
+from prefixpo.data.formats import RowFiltered, parse_row
 from prefixpo.data.loading import load_source, local_fingerprint
+from prefixpo.data.merge import MergeStats, merge_prompts
+from prefixpo.data.schemas import resolve_format
 from prefixpo.data.tokenize import (
     TokenizerInfo,
     describe_tokenizer,
@@ -34,7 +36,7 @@ from prefixpo.data.tokenize import (
 )
 from prefixpo.layout import Group
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the pairs column, merged groups and the merge counts
 FEATURES = datasets.Features({
     "row": datasets.Value("int64"), "status": datasets.Value("string"), "kind": datasets.Value("string"),
     "column": datasets.Value("string"), "reason": datasets.Value("string"), "fix": datasets.Value("string"),
@@ -44,8 +46,9 @@ FEATURES = datasets.Features({
     "scores": datasets.Sequence(datasets.Value("float64")),
     "prompt_length": datasets.Value("int32"),
     "response_lengths": datasets.Sequence(datasets.Value("int32")),
+    "pairs": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),  # [] unless the row fixes them
 })
-GROUP_COLUMNS = ["row", "prompt_ids", "response_ids", "scores", "prompt_length", "response_lengths"]
+GROUP_COLUMNS = ["row", "prompt_ids", "response_ids", "scores", "prompt_length", "response_lengths", "pairs"]
 
 
 @dataclass
@@ -64,13 +67,15 @@ class DataReport:
     cache_hit: bool = False
     cache_path: str | None = None
     seconds: float = 0.0
+    merge: MergeStats = field(default_factory=MergeStats)
 
     def counts(self, rows: list[BadRow]) -> dict[str, int]:
         return dict(Counter(b.kind for b in rows).most_common())
 
     def summary(self, examples: int = 5) -> str:
         lines = [f"{self.source}: format {self.format}, {self.rows_read} rows read, {self.rows_kept} kept, "
-                 f"{len(self.bad_rows)} bad (skipped), {len(self.filtered)} filtered, {self.truncated} truncated"]
+                 f"{len(self.bad_rows)} bad (skipped), {len(self.filtered)} filtered, {self.truncated} truncated"
+                 + (f", {self.merge.line()}" if self.merge.rows else "")]
         for title, rows in (("bad", self.bad_rows), ("filtered", self.filtered)):
             if rows:
                 lines.append(f"  {title} by reason: {self.counts(rows)}")
@@ -87,6 +92,7 @@ class DataReport:
         values = json.loads(text)
         for key in ("bad_rows", "filtered"):
             values[key] = [BadRow(**b) for b in values[key]]
+        values["merge"] = MergeStats(**values["merge"])
         return cls(**values)
 
 
@@ -106,22 +112,23 @@ class TokenizedGroups(Sequence[Group]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         r = self.dataset[int(i)]
-        return Group(r["prompt_ids"], r["response_ids"], r["scores"])
+        return Group(r["prompt_ids"], r["response_ids"], r["scores"], r["pairs"] or None)
 
     def __iter__(self) -> Iterator[Group]:
-        for batch in self.dataset.select_columns(["prompt_ids", "response_ids", "scores"]).iter(1024):
-            yield from (Group(*g) for g in zip(batch["prompt_ids"], batch["response_ids"], batch["scores"],
-                                               strict=True))
+        for batch in self.dataset.select_columns(["prompt_ids", "response_ids", "scores", "pairs"]).iter(1024):
+            yield from (Group(p, r, s, pairs or None) for p, r, s, pairs in zip(
+                batch["prompt_ids"], batch["response_ids"], batch["scores"], batch["pairs"], strict=True))
 
 
 def _result(row: int, status: str = "ok", err: RowError | None = None, prompt: list[int] | None = None,
             responses: list[list[int]] | None = None, scores: list[float] | None = None,
-            truncated: bool = False) -> dict[str, Any]:
+            truncated: bool = False, pairs: list[tuple[int, int]] | None = None) -> dict[str, Any]:
     responses = responses or []
     return {"row": row, "status": status, "kind": err.kind if err else "", "column": err.column if err else "",
             "reason": err.reason if err else "", "fix": err.fix if err else "", "truncated": truncated,
             "prompt_ids": prompt or [], "response_ids": responses, "scores": scores,
-            "prompt_length": len(prompt or []), "response_lengths": [len(r) for r in responses]}
+            "prompt_length": len(prompt or []), "response_lengths": [len(r) for r in responses],
+            "pairs": [list(p) for p in pairs or ()]}
 
 
 def process_batch(batch: dict[str, list[Any]], fmt: str, cols: dict[str, str], cfg: DataConfig,
@@ -161,7 +168,7 @@ def process_batch(batch: dict[str, list[Any]], fmt: str, cols: dict[str, str], c
                 raise t
             prompt, responses, cut = truncate(t[0], t[1], cfg.max_length, cfg.max_prompt_length,
                                               cfg.truncation, info.bos_token_id)
-            results.append(_result(row_number, "ok", None, prompt, responses, p.scores, cut))
+            results.append(_result(row_number, "ok", None, prompt, responses, p.scores, cut, p.pairs))
         except RowError as e:
             results.append(_result(row_number, "filtered" if isinstance(e, RowFiltered) else "bad", e))
     return {k: [r[k] for r in results] for k in FEATURES}
@@ -213,7 +220,7 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
         if (hit := _load_cached(path, started)) is not None:
             return hit
     source = load_source(cfg)
-    fmt, cols = resolve_columns(source.columns, cfg.format, cfg.column_map)
+    label, fmt, cols = resolve_format(source.columns, cfg.format, cfg.column_map, cfg.preference_column)
     path = os.path.join(cfg.cache_dir, cache_key(source.fingerprint, tok_fp, cfg)) if use_cache else None
     if path is not None and (hit := _load_cached(path, started)) is not None:
         return hit
@@ -236,7 +243,7 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
     if bad and cfg.on_bad_row == "error":
         raise bad_row_error(source.name, bad[0], len(bad), unit)
     kept = out.select([i for i, s in enumerate(status) if s == "ok"]).select_columns(GROUP_COLUMNS)
-    report = DataReport(source.name, fmt, cols, len(out), len(kept), int(sum(out["truncated"])), bad, filtered, unit)
+    report = DataReport(source.name, label, cols, len(out), len(kept), int(sum(out["truncated"])), bad, filtered, unit)
     if not len(kept):  # checked before the cache: an empty dataset is an error, not a cached result
         reasons = report.counts(bad + filtered)
         raise DataError(f"{source.name}: no usable rows: {len(out)} read" + (f", by reason {reasons}" if reasons else "")
@@ -245,6 +252,8 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
         report.seconds = time.perf_counter() - started
         return None, report
     kept = kept.flatten_indices()
+    if cfg.merge_prompts:
+        kept, report.merge = merge_prompts(kept, datasets.Features({k: FEATURES[k] for k in GROUP_COLUMNS}))
     if path is not None:
         _save_cache(path, kept, report)
         kept = datasets.load_from_disk(os.path.join(path, "groups"))
