@@ -102,7 +102,10 @@ def test_local_directory_that_is_not_a_model(tmp_path):
         check_model(str(tmp_path / "m"), MODEL_KEY)
     with pytest.raises(SourceError, match="is a directory but not a tokenizer"):
         check(str(ROOT / "examples" / "quickstart" / "model"), "tokenizer", "t")  # config.json only
-    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "config.json").write_text("{}")  # a config without weights: random weights only from the file
+    with pytest.raises(SourceError, match=r"holds no weights .* give its config file: .*config.json"):
+        check_model(str(tmp_path / "m"), MODEL_KEY)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
     assert check_model(str(tmp_path / "m"), MODEL_KEY).where == "local"
     assert check(str(ROOT / "examples" / "quickstart" / "tokenizer"), "tokenizer", "t").where == "local"
 

@@ -259,7 +259,9 @@ class TrainConfig:
         split = (self.eval_split or self.dataset_split) if evaluation else self.dataset_split
         return {"split": split, "format": self.dataset_format or "auto", "max_samples": self.max_samples,
                 "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
-                "on_bad_row": self.on_bad_row, "num_proc": self.dataset_num_proc, "seed": self.seed, **self.data}
+                "on_bad_row": self.on_bad_row, "num_proc": self.dataset_num_proc, "seed": self.seed,
+                # SFT trains each group's first response: rows merged by prompt would lose the others'
+                **({"merge_prompts": False} if self.stage == "sft" else {}), **self.data}
 
     def data_sources(self, evaluation: bool = False) -> list[Any]:
         """The ``DataConfig`` of each train (or eval) dataset: the defaults, then its own keys."""
