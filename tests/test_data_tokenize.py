@@ -40,7 +40,7 @@ def test_template_whose_tokens_merge_across_the_boundary_stops_even_under_skip(t
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "chosen": "Sure", "rejected": "No"}) + "\n")
     with pytest.raises(DataError, match="the chat template does not render the prompt"):
-        load_groups(DataConfig(str(path), cache_dir=None, on_bad_row="skip"), hf)
+        load_groups(DataConfig(str(path), cache_dir=None, on_bad_row="skip", use_chat_template=True), hf)
 
 
 def test_use_chat_template_without_one_is_a_config_error():
