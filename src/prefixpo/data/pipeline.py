@@ -107,7 +107,7 @@ def describe_rendering(templated: int, raw: int, info: TokenizerInfo) -> str:
     'chat template for 2 rows, raw text for 1'
     """
     if templated and raw:
-        return f"chat template for {templated} rows, raw text for {raw}"
+        return f"chat template for {templated} row{'s' * (templated != 1)}, raw text for {raw}"
     if templated:
         return "chat template"
     if info.has_template and info.template_messages:  # the default: strings stay raw, as in TRL

@@ -40,6 +40,7 @@ class TokenizerInfo:
     template_messages: bool  # message lists go through the chat template
     eos_text: str | None  # appended to a raw response that does not end with it
     bos_token_id: int | None  # kept at the start of a prompt truncated from the start
+    template_writes_eos: bool = False  # the template ends an assistant turn with the EOS text
 
 
 def describe_tokenizer(tokenizer: Any, use_chat_template: bool | None) -> TokenizerInfo:
@@ -49,8 +50,22 @@ def describe_tokenizer(tokenizer: Any, use_chat_template: bool | None) -> Tokeni
     if use_chat_template and not has_template:
         raise DataError("use_chat_template=True but the tokenizer has no chat_template: set "
                         "tokenizer.chat_template, or use_chat_template=False for plain text")
+    eos = getattr(tokenizer, "eos_token", None) or None
     return TokenizerInfo(has_template, bool(use_chat_template), has_template and use_chat_template is not False,
-                         getattr(tokenizer, "eos_token", None) or None, tokenizer.bos_token_id)
+                         eos, tokenizer.bos_token_id, has_template and _template_writes_eos(tokenizer, eos))
+
+
+def _template_writes_eos(tokenizer: Any, eos_text: str | None) -> bool:
+    """Whether the chat template writes the EOS text right after an assistant turn's content."""
+    if not eos_text:
+        return False
+    probe = "Zq9"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": probe}], tokenize=False)
+    except Exception:  # a template that refuses the probe: assume not
+        return False
+    return probe + eos_text in text
 
 
 def rendering(example: Example, info: TokenizerInfo, from_text: bool | None = None) -> str:
@@ -121,11 +136,25 @@ def _as_chat(turns: Any, role: str) -> list[Message]:
     return [{"role": role, "content": turns}] if isinstance(turns, str) else turns
 
 
-def _render_chat(tokenizer: Any, example: Example) -> tuple[str, list[str]]:
+def without_eos(text: str, eos_text: str | None) -> str:
+    """A string response for a template that writes EOS itself: its own trailing EOS text removed.
+
+    >>> without_eos("Sure.<|end|>", "<|end|>"), without_eos("Sure.", "<|end|>")
+    ('Sure.', 'Sure.')
+    """
+    return text[:-len(eos_text)] if eos_text and text.endswith(eos_text) else text
+
+
+def _render_chat(tokenizer: Any, example: Example, info: TokenizerInfo) -> tuple[str, list[str]]:
+    """Prompt (with the generation prompt) and whole conversations through the chat template. A
+    string response (``use_chat_template=True``) ending with the EOS text loses it when the template
+    writes EOS after the turn, so EOS comes once; message contents are rendered as they are (as in TRL)."""
     prompt = _as_chat(example.prompt, "user")
+    eos = info.eos_text if info.template_writes_eos else None
     try:
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = [tokenizer.apply_chat_template(prompt + _as_chat(r, "assistant"), tokenize=False)
+        full = [tokenizer.apply_chat_template(prompt + _as_chat(without_eos(r, eos) if isinstance(r, str) else r,
+                                                                "assistant"), tokenize=False)
                 for r in example.responses]
     except Exception as e:  # jinja's raise_exception, e.g. "System role not supported"
         raise RowError("template_rejects", "prompt", f"the chat template cannot render this conversation: {e}",
@@ -150,7 +179,7 @@ def tokenize_examples(examples: list[Example], tokenizer: Any, info: TokenizerIn
     rendered: list[tuple[str, list[str]] | RowError] = []
     for ex, mode in zip(examples, modes, strict=True):
         try:
-            rendered.append(_render_chat(tokenizer, ex) if mode == TEMPLATE else _plain_texts(ex, info.eos_text))
+            rendered.append(_render_chat(tokenizer, ex, info) if mode == TEMPLATE else _plain_texts(ex, info.eos_text))
         except RowError as e:
             rendered.append(e)
     batches = {m: [t for r, mode in zip(rendered, modes, strict=True) if mode == m and not isinstance(r, RowError)
