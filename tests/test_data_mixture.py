@@ -80,7 +80,8 @@ def test_train_config_defaults_train_and_eval_datasets_separately():
 def test_existing_single_dataset_configs_resolve_as_before():
     for stage in load_stages(ROOT / "examples" / "quickstart.yaml"):
         [cfg] = stage.data_sources()
-        assert cfg == DataConfig(stage.dataset, split="train", max_length=64, seed=0)
+        # the quickstart's `data: {use_chat_template: true}` reaches every stage's dataset
+        assert cfg == DataConfig(stage.dataset, split="train", max_length=64, seed=0, use_chat_template=True)
 
 
 def test_labels_name_split_subset_and_repeats():
