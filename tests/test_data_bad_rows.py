@@ -111,7 +111,7 @@ def test_too_long_rows_under_truncation_error(tmp_path):
 def test_prompt_filling_max_length_is_bad(tmp_path):
     row = {"prompt": "one two three four five six seven eight nine ten " * 5, "chosen": "A", "rejected": "B"}
     assert one_bad(tmp_path, [GOOD, row], max_length=40) == (
-        2, "too_long", "prompt", "the prompt has 132 tokens, leaving no room for a response within max_length=40")
+        2, "too_long", "prompt", "the prompt has 96 tokens, leaving no room for a response within max_length=40")
 
 
 def test_unsupported_role_for_template_is_a_bad_row(tmp_path):

@@ -37,8 +37,12 @@ def test_format_detected_and_tokenized(name, fmt, first_responses):
     groups, report = load_groups(DataConfig(str(FIXTURES / name), cache_dir=None), tok)
     assert report.format == fmt and report.rows_kept == report.rows_read == len(groups)
     assert decode_responses(tok, groups[0]) == first_responses
-    # the prompt ends with the generation prompt
-    assert tok.decode(groups[0].prompt_ids).endswith("<|im_start|>assistant\n")
+    prompt = tok.decode(groups[0].prompt_ids)
+    if "messages" in name:  # chat messages go through the template: the prompt ends with the generation prompt
+        assert report.tokens == "chat template" and prompt.endswith("<|im_start|>assistant\n")
+    else:  # strings are raw text, as in TRL: no template, each response ends with EOS
+        assert report.tokens.startswith("raw text (strings are not templated") and "<|im_start|>" not in prompt
+        assert all(r[-1] == tok.eos_token_id for r in groups[0].response_ids)
 
 
 def test_explicit_format_named_matches_detection():

@@ -80,8 +80,9 @@ def test_train_config_defaults_train_and_eval_datasets_separately():
 def test_existing_single_dataset_configs_resolve_as_before():
     for stage in load_stages(ROOT / "examples" / "quickstart.yaml"):
         [cfg] = stage.data_sources()
-        # an SFT stage does not merge rows by prompt: it trains each group's first response
-        assert cfg == DataConfig(stage.dataset, split="train", max_length=64, seed=0,
+        # the quickstart's `data: {use_chat_template: true}` reaches every stage's dataset; an SFT stage
+        # does not merge rows by prompt (it trains each group's first response)
+        assert cfg == DataConfig(stage.dataset, split="train", max_length=64, seed=0, use_chat_template=True,
                                  merge_prompts=stage.stage != "sft")
 
 

@@ -15,7 +15,10 @@ PUBLIC = FIXTURES / "public"
 
 
 def load(name: str, **options):
+    """Rows of a public schema, tokenized with the chat template for strings too, so every dataset's
+    turns show in one form (raw text for strings, as TRL, is tests/test_trl_parity.py's)."""
     tok = make_tokenizer("chatml")
+    options = {"use_chat_template": True, **options}
     groups, report = load_groups(DataConfig(str(PUBLIC / name), cache_dir=None, **options), tok)
     return tok, list(groups), report
 

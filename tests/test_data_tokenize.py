@@ -40,7 +40,7 @@ def test_template_whose_tokens_merge_across_the_boundary_stops_even_under_skip(t
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "chosen": "Sure", "rejected": "No"}) + "\n")
     with pytest.raises(DataError, match="the chat template does not render the prompt"):
-        load_groups(DataConfig(str(path), cache_dir=None, on_bad_row="skip"), hf)
+        load_groups(DataConfig(str(path), cache_dir=None, on_bad_row="skip", use_chat_template=True), hf)
 
 
 def test_use_chat_template_without_one_is_a_config_error():
@@ -76,3 +76,35 @@ def test_truncation_counts_and_limits_through_the_pipeline():
     groups, report = load_groups(DataConfig(path, cache_dir=None, max_length=18, truncation="drop"), tok)
     assert report.rows_kept == len(groups) == 1 and [(b.row, b.kind) for b in report.filtered] == [
         (2, "too_long"), (3, "too_long")]
+
+
+@pytest.mark.parametrize("style, use_chat_template", [("plain", None), ("chatml", None), ("chatml", True)])
+def test_a_response_ending_with_eos_gets_it_once(style, use_chat_template):
+    """Raw text appends the EOS text only when missing (TRL's rule); under the template a string
+    response's own trailing EOS gives way to the one the template writes."""
+    tok = make_tokenizer(style)
+    eos = tok.eos_token
+    info = describe_tokenizer(tok, use_chat_template)
+    prompt, (with_eos, without) = tokenize_examples([Example("Q: 2+2?", [" Four." + eos, " Five."])], tok, info)[0]
+    for ids in (with_eos, without):
+        tokens = tok.convert_ids_to_tokens(ids)
+        assert tokens.count(eos) == 1 and tokens[-1 if use_chat_template is None else -2] == eos, tokens
+        assert tokens[tokens.index(eos) - 1] == "."
+
+
+def test_strings_are_raw_text_messages_use_the_template_and_the_report_says_so(tmp_path):
+    tok = make_tokenizer("chatml")
+    strings = {"prompt": "What is seven plus five?", "chosen": " Twelve.", "rejected": " Eleven."}
+    messages = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Yo"}],
+                "rejected": [{"role": "assistant", "content": "No"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(strings) + "\n" + json.dumps(messages) + "\n")
+    expected = {None: ("chat template for 1 row, raw text for 1", [False, True]),
+                True: ("chat template", [True, True]), False: ("raw text", [False, False])}
+    for use_chat_template, (tokens, templated) in expected.items():
+        groups, report = load_groups(DataConfig(str(path), cache_dir=None, use_chat_template=use_chat_template), tok)
+        assert report.tokens == tokens and f", tokens: {tokens}" in report.summary().splitlines()[0]
+        assert ["<|im_start|>" in tok.decode(g.prompt_ids) for g in groups] == templated
+    path.write_text(json.dumps(strings) + "\n")
+    _, report = load_groups(DataConfig(str(path), cache_dir=None), tok)
+    assert report.tokens == "raw text (strings are not templated; use_chat_template: true applies the chat template)"

@@ -90,7 +90,7 @@ CONVERSATIONS = [
 def test_template_round_trip(style):
     tok = make_tokenizer(style)
     info = describe_tokenizer(tok, None)
-    assert info.use_template
+    assert info.template_messages and not info.template_text
     for ex, (prompt, responses) in zip(CONVERSATIONS, tokenize_examples(CONVERSATIONS, tok, info), strict=True):
         for turns, response in zip(ex.responses, responses, strict=True):
             full = tok.apply_chat_template(ex.prompt + turns, tokenize=False)
@@ -111,7 +111,7 @@ def test_template_round_trip(style):
 def test_plain_round_trip(style):
     tok = make_tokenizer(style)
     info = describe_tokenizer(tok, None)
-    assert not info.use_template
+    assert not info.template_messages
     ex = Example("Question: What is seven plus five?\nAnswer:", [" Seven plus five is twelve.", " Eleven."])
     prompt, responses = tokenize_examples([ex], tok, info)[0]
     for text, response in zip(ex.responses, responses, strict=True):

@@ -47,13 +47,14 @@ def test_tokenizer_special_tokens_and_no_unknown_words(tokenizer):
 
 
 def test_chat_template_round_trips_through_the_pipeline(tokenizer, tmp_path):
-    """prompt ids + response ids are exactly the template's tokenization of the conversation,
-    with BOS once and the response ending in EOS (<|end|>)."""
+    """With use_chat_template (as examples/quickstart.yaml sets: the data are strings), prompt ids +
+    response ids are exactly the template's tokenization of the conversation, with BOS once and the
+    response ending in EOS (<|end|>)."""
     prompt, chosen, rejected = "which is larger: 3 or 7?", "7 is bigger .", "3 is bigger ."
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
-    groups, report = load_groups(DataConfig(str(path), use_cache=False), tokenizer)
-    assert report.rows_kept == 1
+    groups, report = load_groups(DataConfig(str(path), use_cache=False, use_chat_template=True), tokenizer)
+    assert report.rows_kept == 1 and report.tokens == "chat template"
     group = groups[0]
     for response, text in zip(group.response_ids, (chosen, rejected)):
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
@@ -68,7 +69,8 @@ def test_chat_template_round_trips_through_the_pipeline(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("name", list(FILES))
 def test_data_files_load_with_no_bad_rows(tokenizer, name):
-    groups, report = load_groups(DataConfig(str(DATA / f"{name}.jsonl"), use_cache=False), tokenizer)
+    groups, report = load_groups(DataConfig(str(DATA / f"{name}.jsonl"), use_cache=False, use_chat_template=True),
+                                 tokenizer)
     assert report.format == FILES[name]
     assert report.rows_read == report.rows_kept == len(rows(name)) and not report.bad_rows and not report.truncated
     expected_responses = 1 if name.startswith("sft") else 2

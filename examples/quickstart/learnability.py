@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from prefixpo.step import preference_step, reference_from_model, sft_step
 
     tokenizer = AutoTokenizer.from_pretrained(HERE / "tokenizer")
-    data = {name: list(load_groups(DataConfig(str(HERE / "data" / f"{name}.jsonl"), use_cache=False), tokenizer)[0])
+    data = {name: list(load_groups(DataConfig(str(HERE / "data" / f"{name}.jsonl"), use_cache=False,
+                                               use_chat_template=True), tokenizer)[0])
             for name in ("sft_train", "pref_train", "pref_eval")}
     pad = tokenizer.pad_token_id
     eval_batch = collate_groups(data["pref_eval"], pad_token_id=pad)

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-score-ratio", default=s, type=float)
     parser.add_argument("--on-bad-row", default=s, choices=ON_BAD_ROW)
     parser.add_argument("--chat-template", dest="use_chat_template", default=s, action=argparse.BooleanOptionalAction,
-                        help="use the tokenizer's chat template (default: when it has one)")
+                        help="chat template for strings too (default: messages only; strings stay raw text, as in TRL)")
     parser.add_argument("--merge-prompts", dest="merge_prompts", default=s, action=argparse.BooleanOptionalAction,
                         help="merge rows that share a prompt into one group (default: on)")
     parser.add_argument("--preference-column", default=s,

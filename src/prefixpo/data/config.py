@@ -38,7 +38,8 @@ class DataConfig:
     - ``min_score_ratio``: pairwise rows whose higher score is less than this times the lower are
       filtered out (counted). ``on_bad_row``: ``error`` stops at the first bad row, ``skip`` skips
       and reports every one.
-    - ``use_chat_template``: ``None`` uses the tokenizer's chat template when it has one.
+    - ``use_chat_template``: ``None`` (as TRL) templates chat message lists and keeps strings raw
+      text; ``True`` templates strings too; ``False`` nothing.
     - ``merge_prompts``: rows whose prompts tokenize the same and whose pairs are fixed by the data
       become one group with all their responses and exactly their pairs (``data/merge.py``).
     - ``preference_column``: which id column names the preferred response in PKU-SafeRLHF style

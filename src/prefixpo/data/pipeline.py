@@ -28,19 +28,22 @@ from prefixpo.data.loading import load_source, local_fingerprint
 from prefixpo.data.merge import MergeStats, merge_prompts
 from prefixpo.data.schemas import resolve_format
 from prefixpo.data.tokenize import (
+    RAW,
+    TEMPLATE,
     TokenizerInfo,
     describe_tokenizer,
+    rendering,
     tokenize_examples,
     tokenizer_fingerprint,
     truncate,
 )
 from prefixpo.layout import Group
 
-CACHE_VERSION = 2  # 2: the pairs column, merged groups and the merge counts
+CACHE_VERSION = 3  # 2: pairs column, merged groups, merge counts; 3: strings raw unless use_chat_template, EOS once
 FEATURES = datasets.Features({
     "row": datasets.Value("int64"), "status": datasets.Value("string"), "kind": datasets.Value("string"),
     "column": datasets.Value("string"), "reason": datasets.Value("string"), "fix": datasets.Value("string"),
-    "truncated": datasets.Value("bool"),
+    "truncated": datasets.Value("bool"), "rendering": datasets.Value("string"),
     "prompt_ids": datasets.Sequence(datasets.Value("int32")),
     "response_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
     "scores": datasets.Sequence(datasets.Value("float64")),
@@ -68,6 +71,7 @@ class DataReport:
     cache_path: str | None = None
     seconds: float = 0.0
     merge: MergeStats = field(default_factory=MergeStats)
+    tokens: str = ""  # how text became tokens (``describe_rendering``); empty when only checked
 
     def counts(self, rows: list[BadRow]) -> dict[str, int]:
         return dict(Counter(b.kind for b in rows).most_common())
@@ -75,7 +79,8 @@ class DataReport:
     def summary(self, examples: int = 5) -> str:
         lines = [f"{self.source}: format {self.format}, {self.rows_read} rows read, {self.rows_kept} kept, "
                  f"{len(self.bad_rows)} bad (skipped), {len(self.filtered)} filtered, {self.truncated} truncated"
-                 + (f", {self.merge.line()}" if self.merge.rows else "")]
+                 + (f", {self.merge.line()}" if self.merge.rows else "")
+                 + (f", tokens: {self.tokens}" if self.tokens else "")]
         for title, rows in (("bad", self.bad_rows), ("filtered", self.filtered)):
             if rows:
                 lines.append(f"  {title} by reason: {self.counts(rows)}")
@@ -94,6 +99,34 @@ class DataReport:
             values[key] = [BadRow(**b) for b in values[key]]
         values["merge"] = MergeStats(**values["merge"])
         return cls(**values)
+
+
+def describe_rendering(templated: int, raw: int, info: TokenizerInfo) -> str:
+    """The report's words for how the kept rows became tokens.
+
+    >>> info = TokenizerInfo(True, False, True, "</s>", None)
+    >>> describe_rendering(3, 0, info)
+    'chat template'
+    >>> describe_rendering(0, 3, info)
+    'raw text (strings are not templated; use_chat_template: true applies the chat template)'
+    >>> describe_rendering(2, 1, info)
+    'chat template for 2 rows, raw text for 1'
+    """
+    if templated and raw:
+        return f"chat template for {templated} row{'s' * (templated != 1)}, raw text for {raw}"
+    if templated:
+        return "chat template"
+    if info.has_template and info.template_messages:  # the default: strings stay raw, as in TRL
+        return "raw text (strings are not templated; use_chat_template: true applies the chat template)"
+    return "raw text"
+
+
+def _from_text(row: dict[str, Any], fmt: str, cols: dict[str, str]) -> bool | None:
+    """Whether a row's conversation was written as text although parsed into messages (an
+    Anthropic-HH ``implicit`` transcript): such data are strings, so raw text by default."""
+    if fmt == "implicit" and isinstance(row.get(cols.get("chosen", "")), str):
+        return True
+    return None
 
 
 class TokenizedGroups(Sequence[Group]):
@@ -122,10 +155,10 @@ class TokenizedGroups(Sequence[Group]):
 
 def _result(row: int, status: str = "ok", err: RowError | None = None, prompt: list[int] | None = None,
             responses: list[list[int]] | None = None, scores: list[float] | None = None,
-            truncated: bool = False, pairs: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+            truncated: bool = False, pairs: list[tuple[int, int]] | None = None, mode: str = "") -> dict[str, Any]:
     responses = responses or []
     return {"row": row, "status": status, "kind": err.kind if err else "", "column": err.column if err else "",
-            "reason": err.reason if err else "", "fix": err.fix if err else "", "truncated": truncated,
+            "reason": err.reason if err else "", "fix": err.fix if err else "", "truncated": truncated, "rendering": mode,
             "prompt_ids": prompt or [], "response_ids": responses, "scores": scores,
             "prompt_length": len(prompt or []), "response_lengths": [len(r) for r in responses],
             "pairs": [list(p) for p in pairs or ()]}
@@ -136,6 +169,7 @@ def process_batch(batch: dict[str, list[Any]], fmt: str, cols: dict[str, str], c
     """One ``datasets.map`` batch: parse, tokenize and truncate each row, recording every failure."""
     names = [k for k in batch if k != "_row"]
     parsed: list[Any] = []
+    from_text: list[bool | None] = []
     for i in range(len(batch["_row"])):
         try:
             if "_json" in batch:
@@ -150,16 +184,20 @@ def process_batch(batch: dict[str, list[Any]], fmt: str, cols: dict[str, str], c
             else:
                 row = {k: batch[k][i] for k in names}
             parsed.append(parse_row(row, fmt, cols, cfg.role_map, cfg.min_score_ratio))
+            from_text.append(_from_text(row, fmt, cols))
         except RowError as e:
             parsed.append(e)
     ok = [p for p in parsed if not isinstance(p, RowError)]
-    tokenized = iter(tokenize_examples(ok, tokenizer, info) if info is not None else [None] * len(ok))
+    modes = iter([rendering(p, info, t) for p, t in zip(ok, from_text, strict=True)] if info is not None
+                 else [""] * len(ok))
+    tokenized = iter(tokenize_examples(ok, tokenizer, info, from_text) if info is not None  # type: ignore[arg-type]
+                     else [None] * len(ok))
     results = []
     for row_number, p in zip(batch["_row"], parsed, strict=True):
         if isinstance(p, RowError):
             results.append(_result(row_number, "filtered" if isinstance(p, RowFiltered) else "bad", p))
             continue
-        t = next(tokenized)
+        t, mode = next(tokenized), next(modes)
         if t is None:  # validation only
             results.append(_result(row_number, scores=p.scores))
             continue
@@ -168,7 +206,7 @@ def process_batch(batch: dict[str, list[Any]], fmt: str, cols: dict[str, str], c
                 raise t
             prompt, responses, cut = truncate(t[0], t[1], cfg.max_length, cfg.max_prompt_length,
                                               cfg.truncation, info.bos_token_id)
-            results.append(_result(row_number, "ok", None, prompt, responses, p.scores, cut, p.pairs))
+            results.append(_result(row_number, "ok", None, prompt, responses, p.scores, cut, p.pairs, mode))
         except RowError as e:
             results.append(_result(row_number, "filtered" if isinstance(e, RowFiltered) else "bad", e))
     return {k: [r[k] for r in results] for k in FEATURES}
@@ -244,6 +282,9 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
         raise bad_row_error(source.name, bad[0], len(bad), unit)
     kept = out.select([i for i, s in enumerate(status) if s == "ok"]).select_columns(GROUP_COLUMNS)
     report = DataReport(source.name, label, cols, len(out), len(kept), int(sum(out["truncated"])), bad, filtered, unit)
+    if info is not None:
+        modes = Counter(out["rendering"])
+        report.tokens = describe_rendering(modes[TEMPLATE], modes[RAW], info)
     if not len(kept):  # checked before the cache: an empty dataset is an error, not a cached result
         reasons = report.counts(bad + filtered)
         raise DataError(f"{source.name}: no usable rows: {len(out)} read" + (f", by reason {reasons}" if reasons else "")
