@@ -6,9 +6,8 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
-from conftest import oracle_token_logps, tiny_model
-from test_step import BETA, assert_same
+from conftest import tiny_model
+from test_step import BETA, assert_same, oracle_step
 
 from prefixpo.layout import Group, build_batch, layout_group
 from prefixpo.logprobs import compute_logps
@@ -29,20 +28,6 @@ def rows_and_merged():
             Group(q, [e, d], scores=[2.0, 1.0])]
     merged = [Group(p, [a, b, c], pairs=[(0, 1), (2, 1), (0, 2), (0, 1)]), Group(q, [d, e], pairs=[(0, 1), (1, 0)])]
     return rows, merged
-
-
-def oracle(policy, reference, rows):
-    """Each row as separate prompt+response sequences, its pair (0, 1); the mean over pairs."""
-    policy.zero_grad(set_to_none=True)
-    losses = []
-    for g in rows:
-        pol = [oracle_token_logps(policy, list(g.prompt_ids), list(r)).sum() for r in g.response_ids]
-        with torch.no_grad():
-            ref = [oracle_token_logps(reference, list(g.prompt_ids), list(r)).sum() for r in g.response_ids]
-        losses.append(-F.logsigmoid(BETA * ((pol[0] - pol[1]) - (ref[0] - ref[1]))))
-    loss = torch.stack(losses).mean()
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in policy.named_parameters()}
 
 
 def per_pair(policy, reference, groups):
@@ -82,7 +67,8 @@ def test_merged_group_same_pairs_losses_and_gradients():
     loss_merged, grads_merged = step(merged)
     assert_same(loss_merged, grads_merged, loss_rows, grads_rows)
     # and against separate sequences (conftest's oracle): the rows' own pairs, one by one
-    want_loss, want_grads = oracle(policy, reference, rows)
+    # each row as separate prompt+response sequences, its pair (0, 1)
+    want_loss, want_grads = oracle_step(policy, reference, rows, pairs_of=lambda g: [(0, 1)])
     assert_same(loss_merged, grads_merged, want_loss, want_grads)
     print(f"max |loss diff| per pair {(separate - shared).abs().max():.2e}; step loss {loss_rows:.6f} vs {loss_merged:.6f}; "
           f"max rel grad diff {max(float((grads_merged[n] - g).abs().max() / g.abs().max()) for n, g in grads_rows.items()):.2e}")

@@ -33,15 +33,16 @@ def oracle_pairs(group):
     return [(0, 1), (0, 2), (2, 1)]  # scores [2.0, 0.5, 1.0], every pair with a positive gap
 
 
-def oracle_step(policy, reference, groups):
-    """Separate sequences, the DPO reference formula, the mean over all pairs of the step."""
+def oracle_step(policy, reference, groups, pairs_of=oracle_pairs):
+    """Separate sequences, the DPO reference formula, the mean over all pairs of the step
+    (``pairs_of(group)``: its (chosen, rejected) pairs)."""
     policy.zero_grad(set_to_none=True)
     losses = []
     for g in groups:
         pol = [oracle_token_logps(policy, list(g.prompt_ids), list(r)).sum() for r in g.response_ids]
         with torch.no_grad():
             ref = [oracle_token_logps(reference, list(g.prompt_ids), list(r)).sum() for r in g.response_ids]
-        for c, r in oracle_pairs(g):
+        for c, r in pairs_of(g):
             losses.append(-F.logsigmoid(BETA * ((pol[c] - pol[r]) - (ref[c] - ref[r]))))
     loss = torch.stack(losses).mean()
     loss.backward()
