@@ -85,6 +85,16 @@ def test_samples_have_policy_and_reference_and_the_reference_is_the_base_model(o
     assert all(r["policy"] for r in later)
 
 
+def test_under_lora_the_reference_is_the_policy_with_adapters_off(tmp_path, base_model):
+    config = samples_config(tmp_path, base_model, use_peft=True, lora_r=4, learning_rate=1e-2,
+                            reference_mode="auto")
+    assert main(["train", "--config", str(config)]) == 0
+    expected = oracle(base_model, config)
+    at_start, later = (read_samples(tmp_path / "run" / "samples" / f"step-{s}.jsonl") for s in (0, 2))
+    assert [r["reference"] for r in at_start + later] == expected * 2
+    assert [r["policy"] for r in at_start] == expected  # B = 0 at the start: the adapters change nothing
+
+
 def test_tensorboard_holds_the_samples_table(one_process):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
