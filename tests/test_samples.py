@@ -147,10 +147,12 @@ def test_without_a_reference_model_the_reference_is_null(tmp_path, base_model, s
     assert row["reference"] is None and row["policy"] is not None
 
 
-def test_fsdp2_on_two_processes_samples_what_one_process_samples(one_process, base_model, tmp_path):
-    """Both ranks generate (synced_gpus) on the sharded policy and reference; the main process writes."""
-    harness = str(Path(__file__).with_name("fsdp_cpu.py"))
-    launch_two(harness, "train", "--config", str(samples_config(tmp_path, base_model)))
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_processes_sample_what_one_process_samples(one_process, base_model, tmp_path, engine):
+    """2 CPU ranks with the one-process run's global batch. DDP: the main process generates alone;
+    FSDP2: both ranks generate (synced_gpus) on the sharded policy and reference, the main one writes."""
+    launcher = [str(Path(__file__).with_name("fsdp_cpu.py"))] if engine == "fsdp2" else ["-m", "prefixpo.cli"]
+    launch_two(*launcher, "train", "--config", str(samples_config(tmp_path, base_model)))
     for step in (0, 2):
         name = f"step-{step}.jsonl"
         assert read_samples(tmp_path / "run" / "samples" / name) == read_samples(one_process / "samples" / name)
