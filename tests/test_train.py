@@ -263,7 +263,7 @@ def test_training_modes_run_end_to_end(tmp_path, overrides, monkeypatch):
         assert done["reference"] == "none"
     if "--generate_during_eval" in overrides:
         samples = (run / "samples" / "step-2.jsonl").read_text().splitlines()
-        assert len(samples) == 2 and all("response" in json.loads(s) for s in samples)
+        assert len(samples) == 2 and all(json.loads(s)["policy"] and json.loads(s)["reference"] for s in samples)
 
 
 def test_report_to_tensorboard_writes_events(tmp_path):

@@ -366,27 +366,6 @@ def evaluate(policy, groups, cfg: TrainConfig, loss_fn, reference, accelerator) 
     return {k: totals[i].item() / n for i, k in enumerate(keys)} if n else {}
 
 
-@torch.no_grad()
-def generate_samples(model, tokenizer, groups: list[Group], cfg: TrainConfig, path: Path) -> None:
-    """A few sampled responses to eval prompts, written as JSONL (standard attention for generation)."""
-    from prefixpo.modeling import ATTENTION_FUNCTIONS, _set_attention_function, backend_of, unwrap
-
-    inner = unwrap(model)
-    backend = backend_of(inner)
-    _set_attention_function(inner, "sdpa")
-    try:
-        with path.open("w") as f:
-            for g in groups[: cfg.num_generations]:
-                ids = torch.tensor([list(g.prompt_ids)], device=next(inner.parameters()).device)
-                out = inner.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-                                     do_sample=True, top_p=0.95, pad_token_id=tokenizer.pad_token_id)
-                f.write(json.dumps({"prompt": tokenizer.decode(g.prompt_ids),
-                                    "response": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
-                        + "\n")
-    finally:
-        _set_attention_function(inner, ATTENTION_FUNCTIONS[backend])
-
-
 # --- the stage ----------------------------------------------------------------------------------
 
 def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, accelerator, sharding: str = "none"):
@@ -404,6 +383,7 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
         reference_from_adapters_off,
         reference_from_cache,
     )
+    from prefixpo.samples import adapters_off, attach
     from prefixpo.step import reference_from_model
     from prefixpo.zero import apply_attention, frozen_engine, is_partitioned, whole_model_loading, zero_stage
 
@@ -419,7 +399,7 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
     sharded = sharding != "none"
     if mode == "adapters_off":
         fn = reference_from_adapters_off(policy, cfg.logps_chunk_size, through_wrapper=sharded)
-        fn = collective(fn) if sharded else fn
+        fn = attach(collective(fn) if sharded else fn, policy, adapters_off(policy))  # attach: for samples
         return fn, fn, mode
     source = cfg.ref_model_name_or_path or cfg.model_name_or_path
     # ZeRO-3 (zero3_init_flag) loads the model partitioned, for a frozen engine; a precomputed
@@ -431,11 +411,14 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
     apply_attention(reference, cfg.attention_backend)
     if mode == "model":
         if sharding == "fsdp":  # 1/world of the frozen model per rank, instead of a full copy
-            fn = collective(reference_from_model(shard_frozen(reference, accelerator.device), cfg.logps_chunk_size))
+            reference = shard_frozen(reference, accelerator.device)
+            fn = collective(reference_from_model(reference, cfg.logps_chunk_size))
         elif zero_stage(accelerator) == 3:  # the same with ZeRO-3
-            fn = collective(reference_from_model(frozen_engine(reference, accelerator), cfg.logps_chunk_size))
+            reference = frozen_engine(reference, accelerator)
+            fn = collective(reference_from_model(reference, cfg.logps_chunk_size))
         else:
             fn = reference_from_model(reference, cfg.logps_chunk_size)
+        fn = attach(fn, reference)  # the model that generate_during_eval samples the reference from
         return fn, fn, mode
     from prefixpo.data.config import default_cache_dir
 
@@ -533,6 +516,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     from prefixpo.losses import get_loss
     from prefixpo.modeling import build_attention_masks
     from prefixpo.pairs import PairConfig
+    from prefixpo.samples import eval_samples
     from prefixpo.step import batch_pair_indices, preference_step, sft_step
     from prefixpo.zero import (
         accumulation_boundary,
@@ -740,9 +724,9 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         last_eval.clear()
         last_eval.update(result, step=at_step)
         log({"step": at_step, "stage": cfg.stage, "split": "eval", **result})
-        if main and cfg.generate_during_eval and sharding == "none":
-            (out / "samples").mkdir(exist_ok=True)
-            generate_samples(policy, tokenizer, eval_groups, cfg, out / "samples" / f"step-{at_step}.jsonl")
+        if cfg.generate_during_eval:  # every rank: a sharded model generates on all of them
+            eval_samples(policy, eval_ref, tokenizer, [g.prompt_ids for g in eval_groups[: cfg.num_generations]],
+                         at_step, cfg, accelerator, out)
         window.started += time.perf_counter() - started  # throughput counts training time only
         return result
 
@@ -752,10 +736,6 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     backward = torch.Tensor.backward
     if deepspeed:  # the engine runs backward (not dividing by accumulation: the step scales the loss)
         backward, no_sync = engine_backward(policy), accumulation_boundary(policy)  # and marks the step's end
-    if cfg.generate_during_eval and sharding != "none" and main:
-        engine = "FSDP" if fsdp else "DeepSpeed"
-        print(f"note: generate_during_eval is skipped under {engine} (generation needs the whole model on one rank)",
-              file=sys.stderr)
     lengths = group_lengths(train_groups, cfg)
     bar = tqdm(total=total_steps, initial=step, disable=not main or cfg.disable_progress_bar,
                desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
