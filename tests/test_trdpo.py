@@ -62,15 +62,7 @@ def test_references_of_a_run_equal_a_replay_by_hand(tmp_path, model_dir):
     (tmp_path / "a").mkdir()
     assert main(["train", "--config", str(sync_config(tmp_path / "a", model_dir))]) == 0
     run = tmp_path / "a" / "run"
-    reference = load_file(model_dir / "model.safetensors")
-    for step in range(1, 7):
-        if step % 2 == 0:
-            policy = load_file(run / f"checkpoint-{step}" / "model.safetensors")
-            for name, tensor in reference.items():
-                tensor.mul_(1 - ALPHA).add_(policy[name], alpha=ALPHA)
-        saved = load_file(run / f"checkpoint-{step}" / REFERENCE_DIR / REFERENCE_FILE)
-        assert saved.keys() == reference.keys()
-        assert all(torch.equal(saved[k], reference[k]) for k in saved), step
+    replay_matches(run, load_file(model_dir / "model.safetensors"), 6)
     (tmp_path / "b").mkdir()
     assert main(["train", "--config", str(sync_config(tmp_path / "b", model_dir, sync_ref_model=False))]) == 0
     fixed = losses(tmp_path / "b" / "run")
@@ -111,3 +103,39 @@ def test_refused_combinations_name_the_key(overrides, message):
     base = {"model_name_or_path": "m", "dataset": "d.jsonl", "stage": "preference", "sync_ref_model": True}
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{**base, **overrides}).validate()
+
+
+def replay_matches(run: Path, initial: dict[str, torch.Tensor], steps: int) -> None:
+    """Every checkpoint's saved reference equals the replay from ``initial`` and the policy checkpoints."""
+    reference = {k: v.clone() for k, v in initial.items()}
+    for step in range(1, steps + 1):
+        if step % 2 == 0:
+            policy = load_file(run / f"checkpoint-{step}" / "model.safetensors")
+            for name, tensor in reference.items():
+                tensor.mul_(1 - ALPHA).add_(policy[name], alpha=ALPHA)
+        saved = load_file(run / f"checkpoint-{step}" / REFERENCE_DIR / REFERENCE_FILE)
+        assert saved.keys() == reference.keys()
+        assert all(torch.equal(saved[k], reference[k]) for k in saved), step
+
+
+def test_fsdp2_mixes_local_shards_as_one_process_mixes_whole_tensors(tmp_path, model_dir):
+    """FSDP2 on 2 CPU ranks: each rank mixes its shards of the sharded reference; the gathered
+    references of every checkpoint equal the replay, the losses those of one process with the same
+    global batch, and a run resumed from checkpoint-3 ends with the uninterrupted run's weights."""
+    from test_train import assert_close_weights, launch_two
+
+    harness = str(Path(__file__).with_name("fsdp_cpu.py"))
+    (tmp_path / "two").mkdir()
+    config = sync_config(tmp_path / "two", model_dir, max_steps=4, torch_num_threads=1, max_samples=48,
+                         gradient_accumulation_steps=1)
+    launch_two(harness, "train", "--config", str(config))
+    run = tmp_path / "two" / "run"
+    replay_matches(run, load_file(model_dir / "model.safetensors"), 4)
+    (tmp_path / "one").mkdir()
+    assert main(["train", "--config", str(sync_config(tmp_path / "one", model_dir, max_steps=4, max_samples=48)),
+                 "--gradient_accumulation_steps", "2"]) == 0
+    assert losses(run) == pytest.approx(losses(tmp_path / "one" / "run"), rel=1e-5)
+    launch_two(harness, "train", "--config", str(config), "--output_dir", str(tmp_path / "resumed"),
+               "--resume_from_checkpoint", str(run / "checkpoint-3"))
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(run)[3:], rel=1e-6)
+    assert_close_weights(run / "final", tmp_path / "resumed" / "final")

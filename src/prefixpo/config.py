@@ -79,6 +79,7 @@ class TrainConfig:
     fp32_master_weights: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
+    activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss
     beta: float = 0.1
     loss_type: str | list[str] = "sigmoid"
@@ -226,7 +227,8 @@ class TrainConfig:
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise bad("load_in_4bit", "needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU")
         self._validate_data()
-        for key in ("reference_free", "use_weighting", "disable_dropout", "sync_ref_model"):
+        for key in ("reference_free", "use_weighting", "disable_dropout", "sync_ref_model",
+                    "activation_offloading"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, f"must be true or false, got {getattr(self, key)!r}")
         if self.ld_alpha is not None and not (number(self.ld_alpha) and 0 <= self.ld_alpha <= 1):

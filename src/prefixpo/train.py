@@ -535,7 +535,7 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     from prefixpo.modeling import build_attention_masks
     from prefixpo.pairs import PairConfig
     from prefixpo.reference import reference_sync
-    from prefixpo.step import batch_pair_indices, preference_step, sft_step
+    from prefixpo.step import activation_offload, batch_pair_indices, preference_step, sft_step
     from prefixpo.zero import (
         accumulation_boundary,
         apply_attention,
@@ -786,14 +786,16 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             rows = plans[epoch][index]
             on_host = [make_batch(train_groups, r, cfg, accelerator.device, move=False) for r in rows]
             micro_batches = [mb.to(accelerator.device) for mb in on_host]
-            if cfg.stage == "sft":
-                result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync, backward=backward)
-            else:
-                # pairs from the host copies: finding them on the device would wait for the GPU
-                pairs = [batch_pair_indices(mb, pair_config) for mb in on_host]
-                reference = reference_for_step(train_ref, micro_batches, lambda mb: build_attention_masks(policy, mb))
-                result = preference_step(policy, micro_batches, loss_fn, reference, pair_config,
-                                         cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs, backward=backward)
+            with activation_offload(cfg.activation_offloading, accelerator.device):
+                if cfg.stage == "sft":
+                    result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync, backward=backward)
+                else:
+                    # pairs from the host copies: finding them on the device would wait for the GPU
+                    pairs = [batch_pair_indices(mb, pair_config) for mb in on_host]
+                    reference = reference_for_step(train_ref, micro_batches,
+                                                   lambda mb: build_attention_masks(policy, mb))
+                    result = preference_step(policy, micro_batches, loss_fn, reference, pair_config,
+                                             cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs, backward=backward)
             synchronize(accelerator.device)
             compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
             tokens = sum(lengths[i] for mb in rows for row in mb for i in row)
