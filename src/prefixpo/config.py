@@ -79,6 +79,7 @@ class TrainConfig:
     fp32_master_weights: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
+    activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss
     beta: float = 0.1
     loss_type: str | list[str] = "sigmoid"
@@ -94,6 +95,9 @@ class TrainConfig:
     f_alpha_divergence_coef: float = 0.5
     ld_alpha: float | None = None  # LD-DPO weight of the tokens beyond the shorter response's length
     use_weighting: bool = False  # WPO pair weights
+    sync_ref_model: bool = False  # TR-DPO: mix the policy into the reference every ref_model_sync_steps steps
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO: reference <- alpha * policy + (1 - alpha) * reference
+    ref_model_sync_steps: int = 512
     disable_dropout: bool = True  # as TRL: every nn.Dropout of the policy (LoRA's too) gets p = 0
     # LoRA
     use_peft: bool = False
@@ -123,6 +127,31 @@ class TrainConfig:
     max_new_tokens: int = 64
     disable_progress_bar: bool = False
     torch_num_threads: int | None = None  # CPU threads for torch (None: torch's default)
+
+    def _validate_sync(self) -> None:
+        """TR-DPO's keys: a number in [0, 1], a positive step count, and a reference model that can change."""
+        from prefixpo.losses import loss_requires_reference
+
+        alpha = self.ref_model_mixup_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ConfigError(f"config key `ref_model_mixup_alpha`: must be a number in [0, 1], got "
+                              f"{self.ref_model_mixup_alpha!r}")
+        if isinstance(self.ref_model_sync_steps, bool) or not isinstance(self.ref_model_sync_steps, int) \
+                or self.ref_model_sync_steps < 1:
+            raise ConfigError(f"config key `ref_model_sync_steps`: must be a positive integer, got "
+                              f"{self.ref_model_sync_steps!r}")
+        if not self.sync_ref_model or self.stage != "preference":
+            return
+        why = None
+        if self.use_peft:
+            why = "with use_peft the reference is the policy with its adapters off (or the base model), not a " \
+                  "separate copy of the trained weights to mix into (TRL refuses it too)"
+        elif self.reference_mode in ("precomputed", "none"):
+            why = f"reference_mode: {self.reference_mode} keeps no reference model to update; use model (or auto)"
+        elif not loss_requires_reference(self.loss_type, self.reference_free):
+            why = "the loss uses no reference model (reference_free, or a reference-free loss)"
+        if why:
+            raise ConfigError(f"config key `sync_ref_model`: {why}")
 
     def validate(self) -> TrainConfig:
         def bad(key: str, message: str) -> ConfigError:
@@ -198,7 +227,8 @@ class TrainConfig:
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise bad("load_in_4bit", "needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU")
         self._validate_data()
-        for key in ("reference_free", "use_weighting", "disable_dropout"):
+        for key in ("reference_free", "use_weighting", "disable_dropout", "sync_ref_model",
+                    "activation_offloading"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, f"must be true or false, got {getattr(self, key)!r}")
         if self.ld_alpha is not None and not (number(self.ld_alpha) and 0 <= self.ld_alpha <= 1):
@@ -237,6 +267,7 @@ class TrainConfig:
                 PairConfig(self.pair_strategy, self.pair_min_gap)
             except ValueError as err:
                 raise bad("pair_strategy", str(err)) from None
+        self._validate_sync()
         return self
 
     def _validate_data(self) -> None:

@@ -92,3 +92,106 @@ def reference_from_cache(per_group: Sequence[torch.Tensor]) -> ReferenceFn:
         return ResponseLogps(sums=sums, means=sums / counts, counts=counts, token_logps=sums.new_zeros(0))
 
     return fn
+
+
+# --- TR-DPO: the reference model updated from the policy during training -----------------------
+
+REFERENCE_DIR = "reference"  # a checkpoint's synced reference weights (TR-DPO)
+REFERENCE_FILE = "model.safetensors"
+
+
+def mix_into(reference: torch.Tensor, policy: torch.Tensor, alpha: float) -> None:
+    """``reference <- alpha * policy + (1 - alpha) * reference``, in place, in the reference's dtype.
+
+    Sharded parameters (FSDP2 DTensors) mix their local shards: both must be sharded alike."""
+    if hasattr(reference, "to_local") or hasattr(policy, "to_local"):
+        if not (hasattr(reference, "to_local") and hasattr(policy, "to_local")) \
+                or reference.placements != policy.placements or reference.shape != policy.shape:
+            raise ValueError("the reference and the policy are not sharded alike")
+        reference, policy = reference.to_local(), policy.to_local()
+        if reference.shape != policy.shape:
+            raise ValueError("the reference's and the policy's local shards differ in shape")
+    reference.mul_(1.0 - alpha).add_(policy, alpha=alpha)
+
+
+class ReferenceSync:
+    """TR-DPO (Gorbatovski et al. 2024; TRL's ``sync_ref_model``): every ``every`` optimizer steps,
+    every reference parameter becomes ``alpha * policy + (1 - alpha) * reference``.
+
+    ``policy`` and ``reference``: the two transformers models (unwrapped), their parameters matched by
+    name; FSDP2-sharded ones mix shard by shard, with no communication."""
+
+    def __init__(self, policy: nn.Module, reference: nn.Module, alpha: float, every: int):
+        ours = dict(policy.named_parameters())
+        theirs = dict(reference.named_parameters())
+        if ours.keys() != theirs.keys():
+            missing = sorted(ours.keys() ^ theirs.keys())[:3]
+            raise ValueError(f"the reference and the policy have different parameters (e.g. {missing})")
+        self.pairs = [(theirs[name], ours[name]) for name in theirs]
+        self.reference, self.alpha, self.every = reference, alpha, every
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> bool:
+        """After optimizer step ``step`` (counted from 1): mix when it is a sync step; whether it was."""
+        if step % self.every:
+            return False
+        for ref, pol in self.pairs:
+            mix_into(ref.data, pol.data, self.alpha)
+        return True
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The reference's full weights on CPU (every rank calls it: sharded ones are gathered)."""
+        out = {}
+        for name, p in self.reference.named_parameters():
+            t = p.data.full_tensor() if hasattr(p.data, "full_tensor") else p.data
+            out[name] = t.detach().to("cpu", copy=True).contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the reference's parameters from ``full_weights`` output (sharded ones take their shard)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for name, p in self.reference.named_parameters():
+            full = weights[name]
+            if hasattr(p.data, "to_local"):
+                full = distribute_tensor(full.to(p.data.to_local().device), p.data.device_mesh, p.data.placements)
+                p.data.to_local().copy_(full.to_local())
+            else:
+                p.data.copy_(full)
+
+    def save(self, checkpoint: Path, weights: dict[str, torch.Tensor]) -> None:
+        """Write ``weights`` (``full_weights``) as ``checkpoint/reference/model.safetensors`` (main process)."""
+        from safetensors.torch import save_file
+
+        (checkpoint / REFERENCE_DIR).mkdir(exist_ok=True)
+        save_file(weights, str(checkpoint / REFERENCE_DIR / REFERENCE_FILE))
+
+    def load(self, checkpoint: Path) -> None:
+        """Resume: the reference as ``checkpoint`` saved it (every rank reads the file)."""
+        from safetensors.torch import load_file
+
+        from prefixpo.checkpoint import CheckpointError
+
+        path = checkpoint / REFERENCE_DIR / REFERENCE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{checkpoint} holds no synced reference ({REFERENCE_DIR}/{REFERENCE_FILE}): it "
+                                    "was saved without sync_ref_model; resume it with sync_ref_model: false")
+        self.load_weights(load_file(str(path)))
+
+
+def reference_sync(policy: nn.Module, reference_fn: object, alpha: float, every: int,
+                   zero3: bool = False) -> ReferenceSync | None:
+    """The ``ReferenceSync`` of the reference model behind ``reference_fn`` (``build_reference``'s,
+    which carries it as ``.sample_model``, see ``samples.attach``)."""
+    from prefixpo.config import ConfigError
+    from prefixpo.modeling import unwrap
+
+    found = getattr(reference_fn, "sample_model", None)  # as held: under FSDP2 a sharded ScoredLM
+    module = unwrap(found.model) if found is not None and found.model is not policy else None
+    if module is None:
+        raise ConfigError("config key `sync_ref_model`: needs a reference model (reference_mode: model)")
+    if zero3:
+        raise ConfigError("config key `sync_ref_model`: not supported under DeepSpeed ZeRO-3 (its reference is a frozen "
+                         "engine's partitions); use FSDP2 (examples/accelerate/fsdp2.yaml) or ZeRO-1/2")
+    return ReferenceSync(policy, module, alpha, every)

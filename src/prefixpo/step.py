@@ -123,6 +123,15 @@ def _no_sync_context(no_sync: SyncContext | None, index: int, count: int) -> Abs
     return no_sync(index == count - 1) if no_sync is not None else nullcontext()
 
 
+def activation_offload(enabled: bool, device: torch.device) -> AbstractContextManager:
+    """TRL's ``activation_offloading``: around a step's forwards and backwards, the tensors autograd
+    saves for the backward are kept in CPU memory (pinned on CUDA) and copied back when the backward
+    needs them (``torch.autograd.graph.save_on_cpu``); the results are the same, bit for bit."""
+    if not enabled:
+        return nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
 def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ReferenceFn:
     """Reference log-probs from a frozen model, fed the same batch and the same masks."""
 

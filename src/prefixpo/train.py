@@ -418,7 +418,7 @@ def build_reference(cfg: TrainConfig, policy, train_groups, eval_groups, acceler
             fn = collective(reference_from_model(reference, cfg.logps_chunk_size))
         else:
             fn = reference_from_model(reference, cfg.logps_chunk_size)
-        fn = attach(fn, reference)  # the model that generate_during_eval samples the reference from
+        fn = attach(fn, reference)  # the model itself: generate_during_eval samples it, TR-DPO updates it
         return fn, fn, mode
     from prefixpo.data.config import default_cache_dir
 
@@ -516,8 +516,9 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     from prefixpo.losses import get_loss
     from prefixpo.modeling import build_attention_masks
     from prefixpo.pairs import PairConfig
+    from prefixpo.reference import reference_sync
     from prefixpo.samples import eval_samples
-    from prefixpo.step import batch_pair_indices, preference_step, sft_step
+    from prefixpo.step import activation_offload, batch_pair_indices, preference_step, sft_step
     from prefixpo.zero import (
         accumulation_boundary,
         apply_attention,
@@ -630,6 +631,9 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     train_ref, eval_ref, ref_mode = build_reference(cfg, policy, train_groups, eval_groups, accelerator,
                                                     sharding=sharding)
     checks_start_agreement = checks_start_agreement and ref_mode != "none"
+    sync = reference_sync(accelerator.unwrap_model(policy).model, train_ref, cfg.ref_model_mixup_alpha,
+                          cfg.ref_model_sync_steps, zero_stage(accelerator) == 3) \
+        if cfg.sync_ref_model and ref_mode != "none" else None
 
     step = 0
     metrics_path = out / "metrics.jsonl"
@@ -647,6 +651,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         else:
             optimizer.load_state_dict(state["optimizer"])
             restore_rng(state["rng"])
+        if sync is not None:  # TR-DPO: the reference as it was at that step
+            sync.load(checkpoint)
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         if main:
@@ -680,18 +686,22 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             state["optimizer"] = optimizer.state_dict()
         accelerator.wait_for_everyone()
         weights = full_weights()
+        ref_weights = sync.full_weights() if sync is not None else None  # TR-DPO's reference (every rank)
+        save_reference = (lambda d: sync.save(d, ref_weights)) if sync is not None else None
         inner = accelerator.unwrap_model(policy).model
         path = None
         if sharding == "none":
             if main:
                 with written_whole(checkpoint_dirs(out, at_step)[1], last_saved):
                     path = save_checkpoint(out, at_step, inner, tokenizer, state, cfg.save_total_limit,
-                                           state_dict=weights)
+                                           state_dict=weights, extra=save_reference)
         else:
             tmp = checkpoint_dirs(out, at_step)[1]
             if main:
                 with written_whole(tmp, last_saved):
                     save_model(inner, tokenizer, start_checkpoint(out, at_step), state_dict=weights)
+                    if save_reference is not None:
+                        save_reference(tmp)
             accelerator.wait_for_everyone()  # the temporary directory exists
             with written_whole(tmp, last_saved):  # a full shared disk stops every rank
                 if fsdp:
@@ -755,14 +765,16 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             rows = plans[epoch][index]
             on_host = [make_batch(train_groups, r, cfg, accelerator.device, move=False) for r in rows]
             micro_batches = [mb.to(accelerator.device) for mb in on_host]
-            if cfg.stage == "sft":
-                result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync, backward=backward)
-            else:
-                # pairs from the host copies: finding them on the device would wait for the GPU
-                pairs = [batch_pair_indices(mb, pair_config) for mb in on_host]
-                reference = reference_for_step(train_ref, micro_batches, lambda mb: build_attention_masks(policy, mb))
-                result = preference_step(policy, micro_batches, loss_fn, reference, pair_config,
-                                         cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs, backward=backward)
+            with activation_offload(cfg.activation_offloading, accelerator.device):
+                if cfg.stage == "sft":
+                    result = sft_step(policy, micro_batches, cfg.logps_chunk_size, no_sync=no_sync, backward=backward)
+                else:
+                    # pairs from the host copies: finding them on the device would wait for the GPU
+                    pairs = [batch_pair_indices(mb, pair_config) for mb in on_host]
+                    reference = reference_for_step(train_ref, micro_batches,
+                                                   lambda mb: build_attention_masks(policy, mb))
+                    result = preference_step(policy, micro_batches, loss_fn, reference, pair_config,
+                                             cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs, backward=backward)
             synchronize(accelerator.device)
             compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
             tokens = sum(lengths[i] for mb in rows for row in mb for i in row)
@@ -790,6 +802,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if sync is not None:  # TR-DPO: every ref_model_sync_steps steps, the policy mixed into the reference
+                sync(step)
             window.add(loss, result.count, ranks[:, 1].tolist(), ranks[:, 2].tolist(), result.metrics)
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:

@@ -271,9 +271,8 @@ MAPPED: dict[str, str | Converter] = {
     "f_divergence_type": same_name_or_default("f_divergence_type", "reverse_kl"),
     "f_alpha_divergence_coef": same_name_or_default("f_alpha_divergence_coef", 0.5),
     "use_weighting": same_name_or_default("use_weighting", False),
-    "sync_ref_model": same_name_or_default("sync_ref_model", False),
-    "ref_model_mixup_alpha": same_name_or_default("ref_model_mixup_alpha", 0.6),
-    "ref_model_sync_steps": same_name_or_default("ref_model_sync_steps", 512),
+    "sync_ref_model": "sync_ref_model", "ref_model_mixup_alpha": "ref_model_mixup_alpha",
+    "ref_model_sync_steps": "ref_model_sync_steps",
     "reference_free": same_name_or_default("reference_free", False),
     # TrainingArguments
     "output_dir": lambda v, _: {"output_dir": v or "trainer_output"},
@@ -285,6 +284,7 @@ MAPPED: dict[str, str | Converter] = {
     "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2", "adam_epsilon": "adam_epsilon",
     "max_grad_norm": "max_grad_norm", "optim": optim, "seed": "seed", "bf16": consumed, "fp16": consumed,
     "gradient_checkpointing": "gradient_checkpointing", "torch_compile": "torch_compile",
+    "activation_offloading": "activation_offloading",
     "logging_steps": lambda v, _: {"logging_steps": steps("logging_steps", v)},
     "eval_strategy": eval_strategy, "eval_steps": consumed, "save_strategy": save_strategy,
     "save_steps": consumed, "save_total_limit": consumed, "report_to": "report_to",
@@ -323,7 +323,7 @@ HONOURED: dict[str, tuple[tuple[Any, ...], str]] = {
 IGNORED = frozenset({
     "padding_free",  # TRL 1.16 ignores it (falls back to padding); prefixpo's `packing` changes the batch size
     "dataset_streaming", "ignore_bias_buffers", "streaming", "attn_implementation", "bnb_4bit_quant_storage",
-    "pad_to_multiple_of", "pad_token", "precompute_ref_batch_size", "activation_offloading",
+    "pad_to_multiple_of", "pad_token", "precompute_ref_batch_size",
     "average_tokens_across_devices", "bf16_full_eval", "fp16_full_eval", "tf32", "activation_checkpointing",
     "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "torch_compile_backend",
     "torch_compile_mode", "use_liger_kernel", "liger_kernel_config", "use_cache", "torch_empty_cache_steps",
