@@ -143,6 +143,24 @@ def load_model(name_or_path: str, cfg: TrainConfig, seed: int, dtype: torch.dtyp
                                                 trust_remote_code=cfg.trust_remote_code, **extra)
 
 
+def router_loss_note(config: Any) -> str | None:
+    """A line for a Mixture-of-Experts model: TRL 1.16 adds its router load-balancing loss
+    (``router_aux_loss_coef`` x aux loss, the config's own coefficient by default); prefixpo adds none.
+
+    >>> from types import SimpleNamespace as C
+    >>> router_loss_note(C(output_router_logits=False, router_aux_loss_coef=0.001))[:60]
+    'note: a Mixture-of-Experts model: prefixpo adds no router lo'
+    >>> router_loss_note(C()) is None, router_loss_note(C(output_router_logits=False, router_aux_loss_coef=0.0))
+    (True, None)
+    """
+    config = getattr(config, "text_config", None) or config
+    coef = getattr(config, "router_aux_loss_coef", 0.0) or 0.0
+    if not hasattr(config, "output_router_logits") or not coef:
+        return None
+    return (f"note: a Mixture-of-Experts model: prefixpo adds no router load-balancing loss, where TRL 1.16's DPOTrainer "
+            f"adds router_aux_loss_coef ({coef:g}, the model's) x the aux loss; losses and gradients differ from TRL's")
+
+
 def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
     """fp32 master weights: trainable parameters in fp32 (bf16 compute comes from autocast, or
     from FSDP2's mixed precision policy, which does the same upcast itself). Loaded in bf16 first,
@@ -600,6 +618,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.load_in_4bit and not is_partitioned(model):
         model.to(accelerator.device)
     apply_attention(model, cfg.attention_backend)
+    if main and cfg.stage == "preference" and (note := router_loss_note(model.config)):
+        print(note, file=sys.stderr)
     loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs()) if cfg.stage == "preference" else None
     pair_config = PairConfig(cfg.pair_strategy, cfg.pair_min_gap)
 
