@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark of docs/benchmarks.md in ONE device call (under 10 minutes, compilation included):
+# The benchmark of docs/benchmarks.md in one run of under 10 minutes (compilation included):
 # training steps of llama-1b on every profile in the four modes, then the attention
-# microbenchmark. Run from the repository root on the GPU machine (torch + transformers
+# microbenchmark. Run from the repository root on a GPU machine (torch + transformers
 # installed, package not installed, no network). Uses the packaged profiles (or
 # $PREFIXPO_BENCH_PROFILES); writes everything under $OUT.
 # The step table is printed last.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DeepSpeed ZeRO-3 on 2 GPUs against 1 GPU without it, the same global batch (docs/training.md
-# "Several GPUs"), in one device call on the 2-GPU machine (nvidia-h200-x2). The device image has
-# no deepspeed: the run needs .whl-ds/ (deepspeed 0.19.8 built with `DS_BUILD_OPS=0 pip wheel deepspeed==0.19.8
+# "Several GPUs"), in one run on a machine with 2 GPUs. Where deepspeed is not installed, the run
+# needs .whl-ds/ (deepspeed 0.19.8 built with `DS_BUILD_OPS=0 pip wheel deepspeed==0.19.8
 # --no-deps`, and wheels of what it and `datasets` need; each is installed only where the image
 # lacks the module) and .data-ds/ (the quickstart data as save_to_disk directories: JSONL loading
 # fails on the image, docs/training.md "A short run on the GPU").
@@ -146,6 +146,6 @@ EOF
 for run in one zero3 resume bf16 bf16-one; do
     cp "$WORK/$run/metrics.jsonl" "$OUT/$run-metrics.jsonl" 2>/dev/null
 done
-# few files come back from the device: the logs and metrics in one archive
+# the logs and metrics in one archive
 (cd "$OUT" && tar czf runs.tgz --remove-files ./*.log ./*-metrics.jsonl parts.txt checkpoint-listing.txt 2>/dev/null)
 echo "total $(( $(date +%s) - START ))s"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU against two with FSDP2, the same global batch (docs/training.md "Several GPUs"), in one
-# device call of under 9 minutes, on the 2-GPU machine (nvidia-h200-x2):
+# run of under 9 minutes on a machine with 2 GPUs:
 #   0. the llama-1b config of bench_profiles.json (random weights, tied embeddings) in /tmp/llama-1b
 #   1. one:    FSDP2 on 1 GPU (the same mixed precision recipe: fp32 master weights, bf16 compute),
 #              DPO (sigmoid) with prefix sharing, packing (8192), bf16, FlexAttention, eager model,
@@ -128,7 +128,7 @@ part summary 40 $PY scripts/multi_gpu_summary.py summary --one "$WORK/one" --mul
 for run in one multi resume resume2 plain; do
     cp "$WORK/$run/metrics.jsonl" "$OUT/$run-metrics.jsonl" 2>/dev/null
 done
-# few files come back from the device: the logs and metrics in one archive
+# the logs and metrics in one archive
 (cd "$OUT" && tar czf runs.tgz --remove-files ./*.log ./*-metrics.jsonl parts.txt checkpoint-listing.txt 2>/dev/null)
 find "$OUT" -type f -size +20M -delete  # nothing big comes back
 echo "total $(( $(date +%s) - START ))s"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A short real training run on the GPU (docs/training.md): the llama-1b shape of bench_profiles.json,
 # random weights, DPO with prefix sharing and packing on synthetic capybara-length data, bf16,
-# FlexAttention. Run from the repository root on the device (wheels for `datasets` in .whl/).
+# FlexAttention. Run from the repository root on a GPU machine (wheels for `datasets` in .whl/ where it is not installed).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-train-out}
