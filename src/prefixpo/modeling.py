@@ -262,7 +262,9 @@ def _unshare_config(model: nn.Module) -> None:
             module.config = subconfigs[id(cfg)]
 
 
-def _set_attention_function(model: nn.Module, name: str) -> None:
+def set_attention_function(model: nn.Module, name: str) -> None:
+    """Route ``model``'s attention (and that of its sub-configs, e.g. a multimodal model's text
+    config) through the transformers attention function registered as ``name``."""
     configs = [model.config] + [v for v in vars(model.config).values() if hasattr(v, "_attn_implementation")]
     for cfg in configs:
         cfg._attn_implementation = name
@@ -288,7 +290,7 @@ def apply_prefix_attention(model: nn.Module, backend: str = "auto", self_check: 
         check_against_separate(target)
     _register_attention_functions()
     _unshare_config(target)
-    _set_attention_function(target, ATTENTION_FUNCTIONS[backend])
+    set_attention_function(target, ATTENTION_FUNCTIONS[backend])
     target._prefixpo_backend = backend
     return model
 
@@ -296,7 +298,7 @@ def apply_prefix_attention(model: nn.Module, backend: str = "auto", self_check: 
 def remove_prefix_attention(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
     """Give the model back a standard attention implementation (for generation)."""
     target = unwrap(model)
-    _set_attention_function(target, attn_implementation)
+    set_attention_function(target, attn_implementation)
     target._prefixpo_backend = None
     return model
 

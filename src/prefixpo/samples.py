@@ -75,13 +75,13 @@ def _fsdp_root(model: nn.Module) -> nn.Module | None:
 def standard_attention(model: nn.Module) -> Iterator[nn.Module]:
     """The transformers model inside ``model``, with sdpa attention and in eval mode for the
     duration; FSDP2 root parameters gathered. Prefix-sharing attention and the mode come back after."""
-    from prefixpo.modeling import ATTENTION_FUNCTIONS, _set_attention_function, unwrap
+    from prefixpo.modeling import ATTENTION_FUNCTIONS, set_attention_function, unwrap
 
     inner = unwrap(model)
     backend = getattr(inner, "_prefixpo_backend", None)
     was_training = inner.training
     root = _fsdp_root(model)
-    _set_attention_function(inner, "sdpa")
+    set_attention_function(inner, "sdpa")
     inner.eval()
     if root is not None:
         root.unshard()
@@ -92,7 +92,7 @@ def standard_attention(model: nn.Module) -> Iterator[nn.Module]:
             root.reshard()
         inner.train(was_training)
         if backend is not None:
-            _set_attention_function(inner, ATTENTION_FUNCTIONS[backend])
+            set_attention_function(inner, ATTENTION_FUNCTIONS[backend])
 
 
 @torch.no_grad()

@@ -173,7 +173,7 @@ def self_check(model: nn.Module, seed: int = 0) -> None:
 
     The model's attention implementation is restored afterwards.
     """
-    from prefixpo.modeling import UnsupportedModelError, _set_attention_function
+    from prefixpo.modeling import UnsupportedModelError, set_attention_function
 
     original = model.config._attn_implementation
     was_training = model.training
@@ -182,7 +182,7 @@ def self_check(model: nn.Module, seed: int = 0) -> None:
     try:
         result = compare(model, groups, "sdpa", with_grads=False, check_architecture=False)
     finally:
-        _set_attention_function(model, original)
+        set_attention_function(model, original)
         model._prefixpo_backend = None
         model.train(was_training)
     if not result.within(dtype):
