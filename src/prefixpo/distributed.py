@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from prefixpo.layout import Batch
-from prefixpo.logprobs import ResponseLogps, ScoredLM
+from prefixpo.logprobs import ResponseLogps, ScoredLM, is_scored
 from prefixpo.modeling import unwrap
 from prefixpo.step import ReferenceFn
 
@@ -64,7 +64,7 @@ def apply_fsdp_hints(policy: ScoredLM) -> ScoredLM:
     transformers model: ``_no_split_modules`` (else no layer is sharded on its own and the whole
     model is gathered at once) and ``tie_weights`` (else tied embeddings come out of its
     meta-device loading as two parameters, one of them outside the optimizer)."""
-    if not getattr(policy, "_prefixpo_scored", False):
+    if not is_scored(policy):
         raise TypeError(f"expected a ScoredLM, got {type(policy).__name__}")
     policy._no_split_modules = layer_classes(policy.model)
     inner = unwrap(policy.model)

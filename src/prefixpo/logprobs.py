@@ -215,7 +215,6 @@ class ScoredLM(nn.Module):
     parameter. ``unwrap`` reaches the transformers model inside.
     """
 
-    _prefixpo_scored = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -239,6 +238,11 @@ class ScoredLM(nn.Module):
         return logps
 
 
+def is_scored(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``ScoredLM``, also inside ``torch.compile``'s wrapper."""
+    return isinstance(getattr(model, "_orig_mod", model), ScoredLM)
+
+
 def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                   log_sum_sq: bool = False) -> ResponseLogps:
     """The whole path: prefix-shared forward, then per-response log-probs.
@@ -251,8 +255,7 @@ def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = 
 
     if masks is None:
         masks = build_attention_masks(model, batch)
-    inner = getattr(model, "module", model)
-    scorer = model if getattr(inner, "_prefixpo_scored", False) else ScoredLM(model)
+    scorer = model if is_scored(getattr(model, "module", model)) else ScoredLM(model)
     if not log_sum_sq:
         token_logps = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
                              masks=masks, chunk_size=chunk_size)

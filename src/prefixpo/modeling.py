@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixpo.layout import Batch
+from prefixpo.logprobs import is_scored
 from prefixpo.masks import dense_mask, flex_block_mask
 
 BACKENDS = ("sdpa", "flex")
@@ -197,7 +198,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         elif hasattr(model, "module") and isinstance(model.module, nn.Module):
             model = model.module
-        elif getattr(model, "_prefixpo_scored", False):
+        elif is_scored(model):
             model = model.model
         else:
             return model

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from prefixpo.config import ConfigError
-from prefixpo.logprobs import ScoredLM
+from prefixpo.logprobs import ScoredLM, is_scored
 from prefixpo.modeling import apply_prefix_attention, unwrap
 from prefixpo.step import Backward, SyncContext
 
@@ -144,7 +144,7 @@ def head_params(model: nn.Module) -> list[nn.Parameter]:
 
 def register_head(scored: nn.Module) -> None:
     """ZeRO-3: make the ``ScoredLM``'s hooks gather the output layer for its forward and backward."""
-    if not getattr(scored, "_prefixpo_scored", False):
+    if not is_scored(scored):
         raise TypeError(f"expected a ScoredLM, got {type(scored).__name__}")
     import deepspeed
 
