@@ -257,7 +257,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
                         for row, idx in zip(logits, index)])
 
 
-def separate_logps(model: nn.Module, batch: SeparateBatch) -> torch.Tensor:
+def separate_batch_logps(model: nn.Module, batch: SeparateBatch) -> torch.Tensor:
     """Summed response log-probs ``[2k]`` the way TRL's DPOTrainer computes them: the model's own
     forward (2-D padding mask), full logits, shifted labels, completion mask."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
@@ -274,9 +274,9 @@ def separate_step(policy: nn.Module, reference: nn.Module, micro_batches: Sequen
     loss_sum = torch.zeros((), device=device)
     logps_sum = torch.zeros((), device=device)
     for mb in micro_batches:
-        pi = separate_logps(policy, mb.batch)
+        pi = separate_batch_logps(policy, mb.batch)
         with torch.no_grad():
-            ref = separate_logps(reference, mb.batch)
+            ref = separate_batch_logps(reference, mb.batch)
         c, r = mb.chosen_idx, mb.rejected_idx
         losses, _ = loss_fn(pi[c], pi[r], ref[c], ref[r], mb.chosen_len, mb.rejected_len)
         loss = losses.sum()

@@ -203,9 +203,14 @@ def packing_stats(groups: Sequence[Group], rows: Sequence[Sequence[int]], config
     )
 
 
+Row = list[int]  # the indices of the groups laid out in one row
+MicroBatch = list[Row]
+Step = list[MicroBatch]  # the micro-batches of one optimizer step on one rank
+
+
 def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, packing: PackingConfig | None,
                rows_per_micro_batch: int = 1, gradient_accumulation_steps: int = 1, world_size: int = 1,
-               rank: int = 0) -> list[list[list[list[int]]]]:
+               rank: int = 0) -> list[Step]:
     """This rank's optimizer steps for one epoch: ``steps[s][m]`` is micro-batch ``m`` of step ``s``,
     a list of rows, each a list of group indices.
 
