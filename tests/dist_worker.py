@@ -77,7 +77,7 @@ def main() -> None:
     mine = split_rows_over_ranks(rows, lengths, args.world_size, seed=0)[args.rank]
     micro_batches = [build_batch([[layouts[i] for i in row]], row_length=256) for row in mine]
     policy = ScoredLM(model)
-    ref_fn = reference_from_model(reference)
+    ref_fn, masks = reference_from_model(reference), None
     no_sync = None
     if sharded:
         from prefixpo.distributed import (
@@ -91,8 +91,9 @@ def main() -> None:
         policy = shard_like_accelerate(apply_fsdp_hints(policy), args.rank)
         assert tied_embeddings(policy.model), "tied embeddings came out of FSDP preparation as two parameters"
         assert all(hasattr(layer, "unshard") for layer in policy.model.model.layers), "layers not sharded one by one"
-        ref_fn = reference_for_step(collective(reference_from_model(shard_frozen(reference, torch.device("cpu")))),
-                                    micro_batches, lambda mb: build_attention_masks(model, mb))
+        ref_fn, masks = reference_for_step(collective(reference_from_model(shard_frozen(reference,
+                                                                                        torch.device("cpu")))),
+                                           micro_batches, lambda mb: build_attention_masks(model, mb))
 
         @contextmanager
         def skip_reduce():  # accelerator.no_sync under FSDP2
@@ -104,7 +105,7 @@ def main() -> None:
 
         no_sync = lambda last: nullcontext() if last else skip_reduce()  # noqa: E731
     result = preference_step(policy, micro_batches, get_loss("sigmoid", beta=0.1), reference=ref_fn, chunk_size=32,
-                             no_sync=no_sync)
+                             no_sync=no_sync, masks=masks)
     loss = torch.tensor(result.loss)
     if args.world_size > 1:
         if not args.fsdp:  # what DDP does: average gradients

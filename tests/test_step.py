@@ -184,3 +184,28 @@ def test_loss_options_through_the_step_with_prefix_sharing_and_packing(models, o
         assert_same(loss, grads, *results[0])
     if option != "use_weighting":
         assert_same(*results[0], *_separate_losses(policy, reference, groups, option))
+
+
+def test_masks_are_built_once_per_micro_batch_for_policy_and_a_collective_reference(models, monkeypatch):
+    """A reference run ahead of the step (sharded: ``reference_for_step``) and the step itself share
+    one mask build per micro-batch; the step's loss and gradients are the separate-sequence oracle's."""
+    import prefixpo.step
+    from prefixpo.distributed import collective, reference_for_step
+    from prefixpo.modeling import build_attention_masks
+
+    policy, reference, groups, (want_loss, want_grads) = models
+    micro_batches = packed(groups, 256, 1)
+    builds = []
+
+    def counted(model, batch):
+        builds.append(id(batch))
+        return build_attention_masks(model, batch)
+
+    monkeypatch.setattr(prefixpo.step, "build_attention_masks", counted)
+    ref_fn, masks = reference_for_step(collective(reference_from_model(reference, 32)), micro_batches,
+                                       lambda mb: counted(policy, mb))
+    policy.zero_grad(set_to_none=True)
+    result = preference_step(policy, micro_batches, get_loss("sigmoid", beta=BETA), reference=ref_fn, chunk_size=32,
+                             masks=masks)
+    assert sorted(builds) == sorted(id(mb) for mb in micro_batches) and len(micro_batches) > 1
+    assert_same(result.loss, {n: p.grad.clone() for n, p in policy.named_parameters()}, want_loss, want_grads)

@@ -159,21 +159,25 @@ def is_collective(reference: object) -> bool:
 
 
 def reference_for_step(reference: ReferenceFn | None, micro_batches: Sequence[Batch],
-                       build_masks: Callable[[Batch], object]) -> ReferenceFn | None:
-    """A reference whose forward is collective, run now on every micro-batch of the step.
+                       build_masks: Callable[[Batch], object]) -> tuple[ReferenceFn | None, list[object] | None]:
+    """``(reference, masks)``: a reference whose forward is collective is run now on every
+    micro-batch of the step, and the attention masks it was given are returned for
+    ``preference_step`` to use again (built once per micro-batch); any other reference is returned
+    as it is, with no masks (the step builds each micro-batch's masks as it goes).
 
     ``preference_step`` skips the reference on a micro-batch without pairs (an empty padding
     row); with a sharded reference the other ranks would then wait in its all-gathers forever.
     The results are looked up by batch when ``preference_step`` asks for them.
     """
     if reference is None or not is_collective(reference):
-        return reference
-    table: dict[int, ResponseLogps] = {id(mb): reference(mb, build_masks(mb)) for mb in micro_batches}
+        return reference, None
+    masks = [build_masks(mb) for mb in micro_batches]
+    table: dict[int, ResponseLogps] = {id(mb): reference(mb, m) for mb, m in zip(micro_batches, masks)}
 
     def lookup(batch: Batch, masks: object) -> ResponseLogps:
         return table[id(batch)]
 
-    return lookup
+    return lookup, masks
 
 
 def synchronize(device: torch.device) -> None:

@@ -203,7 +203,7 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
                     reference: ReferenceFn | None = None, pair_config: PairConfig | None = None,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None,
                     pairs: Sequence[BatchPairs] | None = None, num_pairs: float | None = None,
-                    backward: Backward = torch.Tensor.backward) -> StepResult:
+                    backward: Backward = torch.Tensor.backward, masks: Sequence[object] | None = None) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (no optimizer update).
 
     The step queues its work without waiting for the device: pass ``pairs`` (``batch_pair_indices``
@@ -211,7 +211,9 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
     read that finding them on a device batch costs. ``num_pairs``: the step's pairs over all ranks
     and calls, when the caller knows it (a step split over several calls); otherwise the pairs of
     ``micro_batches`` summed over ranks, one all-reduce in data-parallel runs. ``backward``: run on
-    each micro-batch's scaled loss (an engine's own backward; see the module docstring)."""
+    each micro-batch's scaled loss (an engine's own backward; see the module docstring). ``masks``:
+    each micro-batch's attention masks, where the caller built them already (``reference_for_step``);
+    otherwise each is built here, once for the policy and the reference."""
     device = next(policy.parameters()).device
     if pairs is None:
         pairs = [batch_pair_indices(mb, pair_config) for mb in micro_batches]
@@ -225,12 +227,12 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
     metric_sums: dict[str, torch.Tensor] = {}
     for i, (mb, pr) in enumerate(zip(micro_batches, pairs)):
         with _no_sync_context(no_sync, i, len(micro_batches)):
-            masks = build_attention_masks(policy, mb)  # once, for the policy and the reference
-            logps = compute_logps(policy, mb, masks, chunk_size, log_sum_sq=getattr(loss_fn, "use_weighting", False))
+            mask = masks[i] if masks is not None else build_attention_masks(policy, mb)  # policy and reference
+            logps = compute_logps(policy, mb, mask, chunk_size, log_sum_sq=getattr(loss_fn, "use_weighting", False))
             if pr.num_pairs == 0:  # an empty row: still run backward, so data-parallel ranks stay in step
                 backward(logps.token_logps.sum() * 0.0)
                 continue
-            ref = reference(mb, masks) if reference is not None else None
+            ref = reference(mb, mask) if reference is not None else None
             losses, metrics = pair_losses(logps, ref, pr, loss_fn)
             loss = losses.sum()
             backward(loss * scale)

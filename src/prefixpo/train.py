@@ -791,10 +791,11 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                 else:
                     # pairs from the host copies: finding them on the device would wait for the GPU
                     pairs = [batch_pair_indices(mb, pair_config) for mb in on_host]
-                    reference = reference_for_step(train_ref, micro_batches,
-                                                   lambda mb: build_attention_masks(policy, mb))
+                    reference, masks = reference_for_step(train_ref, micro_batches,
+                                                          lambda mb: build_attention_masks(policy, mb))
                     result = preference_step(policy, micro_batches, loss_fn, reference, pair_config,
-                                             cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs, backward=backward)
+                                             cfg.logps_chunk_size, no_sync=no_sync, pairs=pairs, backward=backward,
+                                             masks=masks)
             synchronize(accelerator.device)
             compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
             tokens = sum(lengths[i] for mb in rows for row in mb for i in row)
