@@ -72,3 +72,22 @@ def test_prepare_without_tokenizer_checks_rows(capsys):
 def test_cli_has_prepare():
     from prefixpo.cli import COMMANDS
     assert COMMANDS["prepare"][0] == "prefixpo.prepare"
+
+
+def test_only_prefixpo_bars_between_its_lines(tmp_path):
+    """Through the executable, tokenizing into an empty cache: prefixpo's own tokenizing bar, none of
+    datasets' housekeeping bars (flattening, saving, loading the cache)."""
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+
+    quick = ROOT / "examples" / "quickstart"
+    cmd = [shutil.which("prefixpo") or "prefixpo", "prepare", "--dataset", str(quick / "data" / "pref_train.jsonl"),
+           "--tokenizer", str(quick / "tokenizer"), "--cache-dir", str(tmp_path / "cache")]
+    for _ in range(2):  # a cache miss, then a hit
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        for bar in ("Flattening the indices", "Saving the dataset", "Loading dataset"):
+            assert bar not in done.stderr
+    assert "prefixpo: tokenizing" not in done.stderr  # the hit tokenizes nothing

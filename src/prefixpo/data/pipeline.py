@@ -16,6 +16,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -226,9 +227,22 @@ def _load_cached(path: str, started: float) -> tuple[TokenizedGroups, DataReport
     if report.rows_kept == 0:  # an empty result (cached by an older version): read the data again, to say why
         return None
     report.cache_hit, report.cache_path = True, path
-    groups = TokenizedGroups(datasets.load_from_disk(os.path.join(path, "groups")))
+    with no_datasets_bars():
+        groups = TokenizedGroups(datasets.load_from_disk(os.path.join(path, "groups")))
     report.seconds = time.perf_counter() - started
     return groups, report
+
+
+@contextmanager
+def no_datasets_bars() -> Iterator[None]:
+    """``datasets``' progress bars off for the block (the tokenizing bar is prefixpo's own and stays)."""
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
 
 
 def _save_cache(path: str, groups: datasets.Dataset, report: DataReport) -> None:
@@ -292,12 +306,13 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
     if info is None:
         report.seconds = time.perf_counter() - started
         return None, report
-    kept = kept.flatten_indices()
-    if cfg.merge_prompts:
-        kept, report.merge = merge_prompts(kept, datasets.Features({k: FEATURES[k] for k in GROUP_COLUMNS}))
-    if path is not None:
-        _save_cache(path, kept, report)
-        kept = datasets.load_from_disk(os.path.join(path, "groups"))
-        report.cache_path = path
+    with no_datasets_bars():  # datasets' own housekeeping bars, between prefixpo's lines
+        kept = kept.flatten_indices()
+        if cfg.merge_prompts:
+            kept, report.merge = merge_prompts(kept, datasets.Features({k: FEATURES[k] for k in GROUP_COLUMNS}))
+        if path is not None:
+            _save_cache(path, kept, report)
+            kept = datasets.load_from_disk(os.path.join(path, "groups"))
+            report.cache_path = path
     report.seconds = time.perf_counter() - started
     return TokenizedGroups(kept), report
