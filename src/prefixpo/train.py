@@ -928,6 +928,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"stage {cfg.stage} done: {describe_done(done, Path(cfg.output_dir))}")
         if len(stages) > 1:
             plot_quietly(Path(stages[0].output_dir).parent)  # every stage in one figure
+        end_process_group()
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"prefixpo train: {err}", file=sys.stderr)
         return 2
@@ -940,6 +941,17 @@ def run(args: argparse.Namespace) -> int:
               "gradient_checkpointing, or lower logps_chunk_size.", file=sys.stderr)
         return 1
     return 0
+
+
+def end_process_group() -> None:
+    """A launched run's ranks leave together: every rank waits for the others, then closes the
+    process group itself (left to interpreter teardown, gloo's threads at times abort a rank that
+    has finished its work: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def describe_done(record: dict[str, Any], out: Path) -> str:
