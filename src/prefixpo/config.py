@@ -129,17 +129,14 @@ class TrainConfig:
     torch_num_threads: int | None = None  # CPU threads for torch (None: torch's default)
 
     def _validate_sync(self) -> None:
-        """TR-DPO's keys: a number in [0, 1], a positive step count, and a reference model that can change."""
+        """TR-DPO's keys: a number in [0, 1] and a reference model that can change (the step count is
+        checked with the other positive integers)."""
         from prefixpo.losses import loss_requires_reference
 
         alpha = self.ref_model_mixup_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ConfigError(f"config key `ref_model_mixup_alpha`: must be a number in [0, 1], got "
                               f"{self.ref_model_mixup_alpha!r}")
-        if isinstance(self.ref_model_sync_steps, bool) or not isinstance(self.ref_model_sync_steps, int) \
-                or self.ref_model_sync_steps < 1:
-            raise ConfigError(f"config key `ref_model_sync_steps`: must be a positive integer, got "
-                              f"{self.ref_model_sync_steps!r}")
         if not self.sync_ref_model or self.stage != "preference":
             return
         why = None
@@ -169,8 +166,10 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise bad(key, f"got {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "logps_chunk_size", "max_length", "save_total_limit", "dataset_num_proc"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                    "logging_steps", "logps_chunk_size", "max_length", "save_total_limit", "dataset_num_proc",
+                    "ref_model_sync_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
         for key in ("eval_steps", "save_steps"):
             value = getattr(self, key)

@@ -100,10 +100,7 @@ def load_data(cfg: TrainConfig, tokenizer, evaluation: bool = False) -> list[Gro
     mixture = load_mixture(cfg.data_sources(evaluation), tokenizer, on_report=lambda s: print(s, file=sys.stderr))
     if len(mixture.counts) > 1:
         print(mixture.line(), file=sys.stderr)
-    if not mixture.groups:
-        raise TrainingError(f"{'eval_dataset' if evaluation else 'dataset'} {', '.join(mixture.labels)} has no "
-                            "usable rows")
-    groups = mixture.groups
+    groups = mixture.groups  # never empty: a dataset without usable rows is a DataError (load_groups)
     if cfg.stage == "sft":  # SFT trains the first (chosen) response of each group
         groups = [Group(g.prompt_ids, [g.response_ids[0]]) for g in groups]
     return groups
@@ -921,8 +918,8 @@ def run(args: argparse.Namespace) -> int:
             if plan.action == "skip":
                 continue
             # the main process (of a launched run: RANK 0) holds the directory while the stage trains
-            with RunLock(cfg.output_dir, main=os.environ.get("RANK", "0") == "0"):
-                if plan.clear:
+            with RunLock(cfg.output_dir, main=os.environ.get("RANK", "0") == "0") as lock:
+                if plan.clear and lock.main:  # the old run's files, removed once
                     clear_run(cfg.output_dir)
                 done = train_stage(cfg)
             print(f"stage {cfg.stage} done: {describe_done(done, Path(cfg.output_dir))}")
