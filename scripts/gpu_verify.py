@@ -17,8 +17,7 @@ import torch
 import transformers
 
 from prefixpo.layout import Group, collate_groups
-from prefixpo.logprobs import compute_logps
-from prefixpo.modeling import apply_prefix_attention, load_causal_lm
+from prefixpo.modeling import apply_prefix_attention, compute_logps, load_model
 from prefixpo.profiles import load_profiles
 from prefixpo.verify import TOLERANCES, compare, random_groups, verification_loss
 
@@ -82,7 +81,7 @@ def main() -> None:
     for arch in ARCHITECTURES:
         for dtype in ("float32", "bfloat16"):
             t0 = time.time()
-            model = load_causal_lm(str(ROOT / f"examples/configs/tiny-{arch}.json"), dtype, "cuda", seed=0)
+            model = load_model(str(ROOT / f"examples/configs/tiny-{arch}.json"), dtype=dtype, device="cuda", seed=0, attn_implementation="eager")
             groups = random_groups(model.get_output_embeddings().weight.shape[0], 4, 2, seed=0)
             result = compare(model, groups, "flex", with_grads=True, chunk_size=256)
             fd = flex_vs_dense(model, groups)
@@ -96,7 +95,7 @@ def main() -> None:
     path.write_text(json.dumps(cfg))
     for dtype in ("bfloat16", "float32"):
         t0 = time.time()
-        model = load_causal_lm(str(path), dtype, "cuda", seed=0, attn_implementation="sdpa")
+        model = load_model(str(path), dtype=dtype, device="cuda", seed=0)
         groups = llama_1b_groups(cfg["vocab_size"])
         result = compare(model, groups, "flex", with_grads=True, chunk_size=1024)
         fd = flex_vs_dense(model, groups)

@@ -13,6 +13,7 @@ import os
 import torch
 
 from prefixpo.bench import model_config
+from prefixpo.modeling import load_model
 from prefixpo.profiles import load_profiles
 
 
@@ -36,10 +37,7 @@ def main() -> None:
     if not args.weights:
         config.save_pretrained(args.out)
         return
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(args.out)
+    load_model(config, dtype=torch.bfloat16, seed=0).save_pretrained(args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefixpo.modeling import load_causal_lm
+from prefixpo.modeling import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -18,7 +18,7 @@ ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random fp32 model of ``arch`` with eager attention (the literal standard recipe)."""
-    return load_causal_lm(str(CONFIGS / f"tiny-{arch}.json"), "float32", "cpu", seed).eval()
+    return load_model(str(CONFIGS / f"tiny-{arch}.json"), seed=seed, attn_implementation="eager").eval()
 
 
 def oracle_token_logps(model: torch.nn.Module, prompt: list[int], response: list[int]) -> torch.Tensor:

@@ -20,9 +20,8 @@ from test_step import make_groups
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from prefixpo.layout import build_batch, layout_group
-from prefixpo.logprobs import ScoredLM
 from prefixpo.losses import get_loss
-from prefixpo.modeling import apply_prefix_attention, build_attention_masks
+from prefixpo.modeling import ScoredLM, apply_prefix_attention, build_attention_masks
 from prefixpo.packing import pack, split_rows_over_ranks
 from prefixpo.step import preference_step, reference_from_model
 

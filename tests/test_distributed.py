@@ -107,7 +107,7 @@ def test_fsdp2_bf16_policy_keeps_scored_logprobs_and_gradient_reduction_in_fp32(
 
     from prefixpo.distributed import keep_fp32_outputs
     from prefixpo.layout import Group, collate_groups
-    from prefixpo.logprobs import ScoredLM, compute_logps
+    from prefixpo.modeling import ScoredLM, compute_logps
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     plugin.set_mixed_precision("bf16")  # what accelerate's state does for mixed_precision: bf16

@@ -10,9 +10,8 @@ from conftest import tiny_model
 from test_step import BETA, assert_same, oracle_step
 
 from prefixpo.layout import Group, build_batch, layout_group
-from prefixpo.logprobs import compute_logps
 from prefixpo.losses import get_loss
-from prefixpo.modeling import apply_prefix_attention, build_attention_masks
+from prefixpo.modeling import apply_prefix_attention, build_attention_masks, compute_logps
 from prefixpo.step import batch_pair_indices, pair_losses, preference_step, reference_from_model
 
 

@@ -9,12 +9,12 @@ from conftest import oracle_token_logps, tiny_model
 
 import prefixpo.masks
 from prefixpo.layout import Group, collate_groups
-from prefixpo.logprobs import compute_logps
 from prefixpo.modeling import (
     UnsupportedModelError,
     apply_prefix_attention,
     build_attention_masks,
     check_model,
+    compute_logps,
     forward_hidden,
 )
 

@@ -158,12 +158,12 @@ def test_config_mistakes_name_the_key(tmp_path, capsys, override, message):
 def test_precomputed_reference_gives_the_live_reference_loss(tmp_path):
     from prefixpo.layout import Group, build_batch, layout_group
     from prefixpo.losses import get_loss
-    from prefixpo.modeling import apply_prefix_attention, load_causal_lm
+    from prefixpo.modeling import apply_prefix_attention, load_model
     from prefixpo.reference import precompute_reference, reference_from_cache
     from prefixpo.step import preference_step, reference_from_model
 
-    policy = load_causal_lm(str(ROOT / "examples/configs/tiny-llama.json"), seed=0)
-    reference = load_causal_lm(str(ROOT / "examples/configs/tiny-llama.json"), seed=1)
+    policy = load_model(str(ROOT / "examples/configs/tiny-llama.json"), seed=0, attn_implementation="eager")
+    reference = load_model(str(ROOT / "examples/configs/tiny-llama.json"), seed=1, attn_implementation="eager")
     for m in (policy, reference):
         apply_prefix_attention(m, "sdpa")
     gen = torch.Generator().manual_seed(0)
@@ -186,11 +186,10 @@ def test_precomputed_reference_gives_the_live_reference_loss(tmp_path):
 def test_lora_reference_with_adapters_disabled_is_the_base_model():
     peft = pytest.importorskip("peft")
     from prefixpo.layout import Group, collate_groups
-    from prefixpo.logprobs import compute_logps
-    from prefixpo.modeling import apply_prefix_attention, load_causal_lm
+    from prefixpo.modeling import apply_prefix_attention, compute_logps, load_model
     from prefixpo.reference import reference_from_adapters_off
 
-    base = load_causal_lm(str(ROOT / "examples/configs/tiny-qwen2.json"), seed=0)
+    base = load_model(str(ROOT / "examples/configs/tiny-qwen2.json"), seed=0, attn_implementation="eager")
     apply_prefix_attention(base, "sdpa")
     batch = collate_groups([Group([1, 2, 3, 4], [[5, 6, 7], [8, 9]]), Group([10], [[11, 12, 13, 14], [15]])])
     with torch.no_grad():
@@ -496,9 +495,9 @@ def test_bin_weights_load_without_running_code(tmp_path):
     """A model saved as pytorch_model.bin (no safetensors) trains, from exactly its weights."""
     from transformers import AutoModelForCausalLM
 
-    from prefixpo.modeling import load_causal_lm
+    from prefixpo.modeling import load_model
 
-    model = load_causal_lm(str(QUICK / "model" / "config.json"), seed=3)
+    model = load_model(str(QUICK / "model" / "config.json"), seed=3, attn_implementation="eager")
     (tmp_path / "bin").mkdir()
     model.config.save_pretrained(tmp_path / "bin")
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")

@@ -1,8 +1,8 @@
 """prefixpo: preference training of causal LMs with prefix sharing and packing."""
 
 from prefixpo.layout import Batch, Group, build_batch, collate_groups, layout_group
-from prefixpo.logprobs import ResponseLogps, compute_logps, scored_token_logprobs
-from prefixpo.modeling import apply_prefix_attention, build_attention_masks, forward_hidden
+from prefixpo.logprobs import ResponseLogps, scored_token_logprobs
+from prefixpo.modeling import apply_prefix_attention, build_attention_masks, compute_logps, forward_hidden
 
 __version__ = "0.1.0"
 

@@ -350,11 +350,9 @@ def model_config(name: str, profiles: dict):
 
 def build_models(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """Policy (random weights from ``seed``, built on ``device``) and a frozen copy as reference."""
-    from transformers import AutoModelForCausalLM
+    from prefixpo.modeling import load_model
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        policy = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    policy = load_model(config, dtype=dtype, seed=seed, device=device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     return policy.train(), reference
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from prefixpo.layout import Batch
-from prefixpo.logprobs import ResponseLogps, ScoredLM, is_scored
-from prefixpo.modeling import unwrap
+from prefixpo.logprobs import ResponseLogps
+from prefixpo.modeling import ScoredLM, is_scored, unwrap
 from prefixpo.step import ReferenceFn
 
 

@@ -5,8 +5,9 @@
     logp[s] = log_softmax(transform(h[s] @ W.T + b))[t[s]]        (fp32)
 
 chunk by chunk. Its backward recomputes each chunk's logits instead of keeping them, so forward
-and backward hold at most one chunk's ``[chunk, V]`` logits at a time. ``compute_logps``
-gathers the scored positions of a batch and sums them per response.
+and backward hold at most one chunk's ``[chunk, V]`` logits at a time. ``reduce_per_response``
+sums them per response. Pure maths on tensors: the model side (``ScoredLM``, ``compute_logps``)
+is in ``prefixpo.modeling``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from prefixpo.layout import Batch
 
@@ -205,63 +205,3 @@ def reduce_per_response(token_logps: torch.Tensor, batch: Batch) -> ResponseLogp
     sums = torch.zeros(counts.shape[0], dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, batch.scored_response.to(token_logps.device), token_logps)
     return ResponseLogps(sums=sums, means=sums / counts, counts=counts, token_logps=token_logps)
-
-
-class ScoredLM(nn.Module):
-    """A causal LM whose forward returns the log-probs ``[S]`` of a batch's scored tokens.
-
-    The whole scored forward (layers, then the chunked output layer) runs inside one
-    ``forward``, so data-parallel wrappers (DDP, FSDP) around this module see every use of every
-    parameter. ``unwrap`` reaches the transformers model inside.
-    """
-
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, scored_index: torch.Tensor,
-                scored_targets: torch.Tensor, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                log_sum_sq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        from prefixpo.modeling import decoder_of, output_head
-
-        out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
-                                     use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        weight, bias, softcap, scale = output_head(self.model)
-        scored_hidden = hidden.reshape(-1, hidden.shape[-1])[scored_index]
-        logps = scored_token_logprobs(scored_hidden, weight, scored_targets, bias=bias, softcap=softcap,
-                                      scale=scale, chunk_size=chunk_size)
-        if log_sum_sq:  # WPO: returned beside the log-probs
-            return logps, scored_token_log_sum_sq(scored_hidden.detach(), weight.detach(), bias, softcap, scale,
-                                                  chunk_size)
-        return logps
-
-
-def is_scored(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``ScoredLM``, also inside ``torch.compile``'s wrapper."""
-    return isinstance(getattr(model, "_orig_mod", model), ScoredLM)
-
-
-def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  log_sum_sq: bool = False) -> ResponseLogps:
-    """The whole path: prefix-shared forward, then per-response log-probs.
-
-    ``model`` is a transformers causal LM, or a ``ScoredLM`` (possibly inside a DDP/FSDP wrapper),
-    which is then called through its own ``forward``. ``log_sum_sq``: also fill
-    ``token_log_sum_sq`` (WPO's weights).
-    """
-    from prefixpo.modeling import build_attention_masks
-
-    if masks is None:
-        masks = build_attention_masks(model, batch)
-    scorer = model if is_scored(getattr(model, "module", model)) else ScoredLM(model)
-    if not log_sum_sq:
-        token_logps = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
-                             masks=masks, chunk_size=chunk_size)
-        return reduce_per_response(token_logps, batch)
-    token_logps, sum_sq = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
-                                 masks=masks, chunk_size=chunk_size, log_sum_sq=True)
-    out = reduce_per_response(token_logps, batch)
-    out.token_log_sum_sq = sum_sq.float()
-    return out

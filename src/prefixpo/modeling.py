@@ -28,9 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixpo.layout import Batch
-from prefixpo.logprobs import is_scored
+from prefixpo.layout import Batch, collate_groups
+from prefixpo.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    ResponseLogps,
+    head_logits,
+    reduce_per_response,
+    scored_token_log_sum_sq,
+    scored_token_logprobs,
+)
 from prefixpo.masks import dense_mask, flex_block_mask
+from prefixpo.oracle import TOLERANCES, random_groups, separate_logps
 
 BACKENDS = ("sdpa", "flex")
 ATTENTION_FUNCTIONS = {"sdpa": "prefixpo_dense", "flex": "prefixpo_flex"}
@@ -284,8 +292,6 @@ def apply_prefix_attention(model: nn.Module, backend: str = "auto", self_check: 
     check_output_head(target)
     name = architecture_of(model)
     if self_check and name not in VERIFIED_ARCHITECTURES:
-        from prefixpo.verify import self_check as check_against_separate
-
         warnings.warn(f"{name} is not among prefixpo's verified architectures; checking it against separate "
                       "sequences once. Run `prefixpo verify --model ...` for the full check.", stacklevel=2)
         check_against_separate(target)
@@ -294,6 +300,35 @@ def apply_prefix_attention(model: nn.Module, backend: str = "auto", self_check: 
     set_attention_function(target, ATTENTION_FUNCTIONS[backend])
     target._prefixpo_backend = backend
     return model
+
+
+@torch.no_grad()
+def check_against_separate(model: nn.Module, seed: int = 0) -> None:
+    """A small forward-only check of an unverified architecture against separate sequences
+    (``prefixpo.oracle``); raises ``UnsupportedModelError`` if the log-probs differ beyond the
+    dtype's tolerance. The model's attention implementation and mode are restored afterwards."""
+    original, was_training = model.config._attn_implementation, model.training
+    tol = TOLERANCES[next(model.parameters()).dtype]
+    groups = random_groups(model.get_output_embeddings().weight.shape[0], 2, 2, seed, max_prompt=12, max_response=8)
+    model.eval()  # no dropout: both paths must see the same function
+    try:
+        separate = torch.stack([t.double().sum() for t in separate_logps(model, groups)])
+        _register_attention_functions()
+        _unshare_config(model)
+        set_attention_function(model, ATTENTION_FUNCTIONS["sdpa"])
+        batch = collate_groups(groups).to(next(model.parameters()).device)
+        shared = compute_logps(model, batch, build_attention_masks(model, batch, "sdpa")).sums.double()
+    finally:
+        set_attention_function(model, original)
+        model.train(was_training)
+    counts = batch.response_lengths.to(shared.device)
+    error = (shared - separate.to(shared.device)).abs()
+    bound = torch.clamp(tol["logps_per_token"] * counts, min=tol.get("logps", 0.0))
+    if bool((error > bound).any()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: shared-layout log-probs differ from separate sequences "
+            f"(max abs {error.max().item():.2e}); this architecture does not honour the explicit mask and "
+            "position_ids prefixpo passes, so it cannot be trained with prefix sharing")
 
 
 def remove_prefix_attention(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
@@ -389,7 +424,6 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, fl
 @torch.no_grad()
 def check_output_head(model: nn.Module, num_tokens: int = 6) -> None:
     """Check that ``output_head`` reproduces the model's own logits, so no transform is missed."""
-    from prefixpo.logprobs import head_logits
 
     param = next(model.parameters())
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -411,33 +445,112 @@ def check_output_head(model: nn.Module, num_tokens: int = 6) -> None:
             "logit_scale, logits_scaling")
 
 
+# --- scored forward ---------------------------------------------------------------------------
+
+class ScoredLM(nn.Module):
+    """A causal LM whose forward returns the log-probs ``[S]`` of a batch's scored tokens.
+
+    The whole scored forward (layers, then the chunked output layer) runs inside one
+    ``forward``, so data-parallel wrappers (DDP, FSDP) around this module see every use of every
+    parameter. ``unwrap`` reaches the transformers model inside.
+    """
+
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, scored_index: torch.Tensor,
+                scored_targets: torch.Tensor, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                log_sum_sq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
+                                     use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        weight, bias, softcap, scale = output_head(self.model)
+        scored_hidden = hidden.reshape(-1, hidden.shape[-1])[scored_index]
+        logps = scored_token_logprobs(scored_hidden, weight, scored_targets, bias=bias, softcap=softcap,
+                                      scale=scale, chunk_size=chunk_size)
+        if log_sum_sq:  # WPO: returned beside the log-probs
+            return logps, scored_token_log_sum_sq(scored_hidden.detach(), weight.detach(), bias, softcap, scale,
+                                                  chunk_size)
+        return logps
+
+
+def is_scored(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``ScoredLM``, also inside ``torch.compile``'s wrapper."""
+    return isinstance(getattr(model, "_orig_mod", model), ScoredLM)
+
+
+def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  log_sum_sq: bool = False) -> ResponseLogps:
+    """The whole path: prefix-shared forward, then per-response log-probs.
+
+    ``model`` is a transformers causal LM, or a ``ScoredLM`` (possibly inside a DDP/FSDP wrapper),
+    which is then called through its own ``forward``. ``log_sum_sq``: also fill
+    ``token_log_sum_sq`` (WPO's weights).
+    """
+    if masks is None:
+        masks = build_attention_masks(model, batch)
+    scorer = model if is_scored(getattr(model, "module", model)) else ScoredLM(model)
+    if not log_sum_sq:
+        token_logps = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
+                             masks=masks, chunk_size=chunk_size)
+        return reduce_per_response(token_logps, batch)
+    token_logps, sum_sq = scorer(batch.input_ids, batch.position_ids, batch.scored_index, batch.scored_targets,
+                                 masks=masks, chunk_size=chunk_size, log_sum_sq=True)
+    out = reduce_per_response(token_logps, batch)
+    out.token_log_sum_sq = sum_sq.float()
+    return out
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str = "cpu", seed: int = 0,
-                   trust_remote_code: bool = False, attn_implementation: str = "eager") -> nn.Module:
-    """A causal LM from a hub name, a local directory, or a config JSON (random weights from ``seed``).
+def is_config_file(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` asks for random weights: it is a model config file (``.json``).
+    A directory always needs weights (``sources.check_model`` says so before anything loads)."""
+    return name_or_path.endswith(".json") and os.path.isfile(name_or_path)
 
-    Eager attention (the default) is the most literal form of the standard recipe.
+
+def load_model(source: Any, *, dtype: torch.dtype | str = torch.float32, seed: int = 0,
+               device: torch.device | str | None = None, attn_implementation: str = "sdpa",
+               trust_remote_code: bool = False, load_in_4bit: bool = False) -> nn.Module:
+    """The one way prefixpo gets a transformers causal LM.
+
+    ``source``: a hub name or a local directory (pretrained weights: safetensors, or ``.bin``
+    files where a local directory has only those, which transformers reads with
+    ``torch.load(weights_only=True)``, so no code runs); a config file (``.json``, naming its
+    ``model_type``) or a ``PretrainedConfig``: random weights drawn from ``seed``.
+
+    ``device``: where the model ends up; random weights are drawn there (so a seed's weights on
+    CUDA differ from those on CPU). ``load_in_4bit``: NF4 base weights with bf16 compute (QLoRA).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if name_or_path.endswith(".json") and os.path.isfile(name_or_path):
-        with open(name_or_path) as f:
-            config_dict = json.load(f)
-        model_type = config_dict.pop("model_type", None)
-        if model_type is None:
-            raise ValueError(f"{name_or_path} has no `model_type`; a config JSON must name its model type "
-                             "(for example \"llama\")")
-        config = AutoConfig.for_model(model_type, **config_dict)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if isinstance(source, str) and is_config_file(source):
+        with open(source) as f:
+            if "model_type" not in json.load(f):
+                raise ValueError(f"{source} has no `model_type`; a config JSON must name its model type "
+                                 "(for example \"llama\")")
+        source = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if isinstance(source, PretrainedConfig):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype],
-                                                     attn_implementation=attn_implementation, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    return model.to(device)
+        with torch.device(device or "cpu"):
+            return AutoModelForCausalLM.from_config(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                    trust_remote_code=trust_remote_code)
+    extra: dict[str, Any] = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    only_bin = (os.path.isdir(source) and not any(f.endswith(".safetensors") for f in os.listdir(source))
+                and any(f.endswith(".bin") for f in os.listdir(source)))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=not only_bin,
+                                                 attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code, **extra)
+    return model if device is None or load_in_4bit else model.to(device)

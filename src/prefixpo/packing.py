@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prefixpo.layout import Group
+from prefixpo.layout import Batch, Group, build_batch, layout_group, round_up
 
 TRUNCATION_POLICIES = ("error", "truncate", "drop")
 
@@ -58,6 +58,27 @@ def row_length(used: int, buckets: Sequence[int]) -> int:
         if used <= n:
             return n
     raise ValueError(f"{used} tokens exceed the largest bucket {buckets[-1]}")
+
+
+def batch_rows(groups: Sequence[Group], rows: Sequence[Sequence[int]], *, prefix_sharing: bool = True,
+               buckets: Sequence[int] | None = None, pad_to_multiple_of: int = 1) -> Batch:
+    """The one way groups become a batch (training, evaluation, the reference, verification, the
+    benchmark): row ``r`` holds the groups ``rows[r]`` (indices into ``groups``), each laid out with
+    its prompt shared (or, without ``prefix_sharing``, copied before every response), one after the
+    other. Rows are padded to one length: the smallest of ``buckets`` that holds the longest row,
+    or else the longest rounded up to ``pad_to_multiple_of``. ``Batch.group_ids`` are the indices.
+
+    >>> groups = [Group([1, 2], [[3], [4, 5]]), Group([6], [[7]]), Group([8], [[9, 10]])]
+    >>> batch = batch_rows(groups, [[0, 1], [2]], pad_to_multiple_of=4)
+    >>> batch.input_ids.shape, batch.group_ids.tolist()
+    (torch.Size([2, 8]), [0, 1, 2])
+    >>> batch_rows(groups, [[0], [1, 2]], buckets=[128, 256]).input_ids.shape
+    torch.Size([2, 128])
+    """
+    layouts = [[layout_group(groups[i], prefix_sharing) for i in row] for row in rows]
+    used = max(1, max((sum(len(lay) for lay in row) for row in layouts), default=1))
+    length = row_length(used, buckets) if buckets else round_up(used, pad_to_multiple_of)
+    return build_batch(layouts, row_length=length, group_ids=rows)
 
 
 def fit_group(group: Group, capacity: int) -> Group:

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prefixpo.layout import Batch, Group, build_batch, layout_group
-from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps, compute_logps
+from prefixpo.layout import Batch, Group
+from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps
+from prefixpo.modeling import compute_logps
+from prefixpo.packing import batch_rows
 from prefixpo.step import ReferenceFn
 
 
@@ -67,11 +69,10 @@ def precompute_reference(reference: nn.Module, groups: Sequence[Group], cache_pa
     device = next(reference.parameters()).device
     out: list[torch.Tensor] = []
     for start in range(0, len(groups), batch_size):
-        part = groups[start:start + batch_size] if isinstance(groups, list) else \
-            [groups[i] for i in range(start, min(start + batch_size, len(groups)))]
-        batch = build_batch([[layout_group(g, share_prefix)] for g in part], pad_to_multiple_of=128).to(device)
+        rows = [[i] for i in range(start, min(start + batch_size, len(groups)))]
+        batch = batch_rows(groups, rows, prefix_sharing=share_prefix, pad_to_multiple_of=128).to(device)
         sums = compute_logps(reference, batch, chunk_size=chunk_size).sums.float().cpu()
-        out += list(sums.split([len(g.response_ids) for g in part]))
+        out += list(sums.split([len(groups[i].response_ids) for i, in rows]))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_suffix(".tmp")
     torch.save(out, tmp)

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from prefixpo.layout import Batch
-from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps, compute_logps
-from prefixpo.modeling import build_attention_masks
+from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps
+from prefixpo.modeling import build_attention_masks, compute_logps
 from prefixpo.pairs import BatchPairs, PairConfig, batch_pairs
 
 

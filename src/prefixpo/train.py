@@ -344,8 +344,7 @@ def plot_quietly(run_dir: Path) -> None:
 @torch.no_grad()
 def evaluate(policy, groups, cfg: TrainConfig, loss_fn, reference, accelerator) -> dict[str, float]:
     from prefixpo.distributed import is_collective
-    from prefixpo.logprobs import compute_logps
-    from prefixpo.modeling import build_attention_masks
+    from prefixpo.modeling import build_attention_masks, compute_logps
     from prefixpo.pairs import PairConfig
     from prefixpo.step import batch_pair_indices, pair_losses
 
@@ -527,9 +526,8 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         tied_aliases,
         tied_embeddings,
     )
-    from prefixpo.logprobs import ScoredLM
     from prefixpo.losses import get_loss
-    from prefixpo.modeling import build_attention_masks
+    from prefixpo.modeling import ScoredLM, build_attention_masks
     from prefixpo.pairs import PairConfig
     from prefixpo.reference import reference_sync
     from prefixpo.samples import eval_samples

@@ -19,74 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixpo.layout import Group, build_batch, layout_group, round_up
-
-# Tolerances: summed log-probs (absolute) and gradients (relative to the largest entry of each
-# parameter's reference gradient). fp32 sums may differ by 1e-4, or by 1e-6 per scored token
-# where that is larger: a log-prob of ~12 nats (vocab 128k) carries ~1e-6 of fp32 rounding, so
-# long responses of large-vocabulary models exceed a flat 1e-4 by rounding alone
-# (docs/verification.md). bf16 bounds are looser: the two paths round differently in bf16.
-TOLERANCES = {
-    torch.float32: {"logps": 1e-4, "logps_per_token": 1e-6, "grads": 1e-4},
-    torch.bfloat16: {"logps_per_token": 2e-2, "grads": 1e-1},
-    torch.float16: {"logps_per_token": 1e-2, "grads": 1e-1},
-}
-
-
-def random_groups(vocab_size: int, num_groups: int, num_responses: int, seed: int,
-                  max_prompt: int = 150, max_response: int = 140) -> list[Group]:
-    """Random groups whose lengths vary from one token up to past a 128-token block."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(low: int, high: int) -> list[int]:
-        n = int(torch.randint(low, high + 1, (1,), generator=gen))
-        return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
-
-    groups = []
-    for i in range(num_groups):
-        prompt = draw(1, 1) if i == 0 else draw(1, max_prompt)  # the first group has a one-token prompt
-        responses = [draw(1, 1) if (i == 1 and j == 0) else draw(1, max_response) for j in range(num_responses)]
-        groups.append(Group(prompt, responses))
-    return groups
-
-
-def separate_logps(model: nn.Module, groups: Sequence[Group]) -> list[torch.Tensor]:
-    """The standard recipe: every prompt+response its own right-padded sequence; per-token
-    log-probs ``[L]`` of each response, in group then response order."""
-    sequences, spans = [], []
-    for g in groups:
-        for r in g.response_ids:
-            sequences.append(list(g.prompt_ids) + list(r))
-            spans.append((len(g.prompt_ids), len(r)))
-    device = next(model.parameters()).device
-    length = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), length, dtype=torch.long, device=device)
-    attention = torch.zeros_like(ids)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
-        attention[i, : len(s)] = 1
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
-    logps = F.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
-    return [logps[i, p - 1 : p - 1 + n] for i, (p, n) in enumerate(spans)]
+from prefixpo.layout import Group, round_up
+from prefixpo.modeling import compute_logps
+from prefixpo.oracle import TOLERANCES, random_groups, separate_logps
+from prefixpo.packing import batch_rows, pack
 
 
 def shared_logps(model: nn.Module, groups: Sequence[Group], chunk_size: int = 64,
                  packing_capacity: int | None = None) -> list[torch.Tensor]:
     """The same per-token log-probs through prefixpo's shared layout (model already switched),
     one group per row, or packed into rows of ``packing_capacity`` tokens."""
-    from prefixpo.logprobs import compute_logps
-    from prefixpo.packing import pack
-
-    layouts = [layout_group(g) for g in groups]
     if packing_capacity is None:
         rows = [[i] for i in range(len(groups))]
     else:
-        rows = pack([len(lay) for lay in layouts], packing_capacity, seed=0)
-    order = [i for row in rows for i in row]
-    batch = build_batch([[layouts[i] for i in row] for row in rows], row_length=packing_capacity)
+        rows = pack([g.num_tokens for g in groups], packing_capacity, seed=0)
+    batch = batch_rows(groups, rows, buckets=[packing_capacity] if packing_capacity else None)
     out = compute_logps(model, batch.to(next(model.parameters()).device), chunk_size=chunk_size)
     per_response = iter(out.token_logps.split(batch.response_lengths.tolist()))
-    by_group = {i: [next(per_response) for _ in groups[i].response_ids] for i in order}
+    by_group = {i: [next(per_response) for _ in groups[i].response_ids] for row in rows for i in row}
     return [t for i in range(len(groups)) for t in by_group[i]]
 
 
@@ -167,31 +117,6 @@ def compare(model: nn.Module, groups: Sequence[Group], backend: str, with_grads:
     )
 
 
-@torch.no_grad()
-def self_check(model: nn.Module, seed: int = 0) -> None:
-    """A small forward-only check of an unverified architecture; raises if the paths differ.
-
-    The model's attention implementation is restored afterwards.
-    """
-    from prefixpo.modeling import UnsupportedModelError, set_attention_function
-
-    original = model.config._attn_implementation
-    was_training = model.training
-    dtype = next(model.parameters()).dtype
-    groups = random_groups(model.get_output_embeddings().weight.shape[0], 2, 2, seed, max_prompt=12, max_response=8)
-    try:
-        result = compare(model, groups, "sdpa", with_grads=False, check_architecture=False)
-    finally:
-        set_attention_function(model, original)
-        model._prefixpo_backend = None
-        model.train(was_training)
-    if not result.within(dtype):
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: shared-layout log-probs differ from separate sequences "
-            f"(max abs {result.max_abs_logps:.2e}); this architecture does not honour the explicit mask and "
-            "position_ids prefixpo passes, so it cannot be trained with prefix sharing")
-
-
 # --- command line -------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,7 +149,7 @@ def _bad_arguments(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixpo.modeling import DTYPES, UnsupportedModelError, load_causal_lm
+    from prefixpo.modeling import DTYPES, UnsupportedModelError, load_model
 
     if args.num_responses < 1 or args.num_groups < 1:
         return _bad_arguments("--num-responses and --num-groups must be at least 1")
@@ -244,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
     except SourceError as err:
         return _bad_arguments(str(err))
     try:
-        model = load_causal_lm(args.model, args.dtype, args.device, args.seed, args.trust_remote_code,
-                               attn_implementation=args.oracle_attention)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                           trust_remote_code=args.trust_remote_code, attn_implementation=args.oracle_attention)
     except (OSError, ValueError) as err:
         return _bad_arguments(f"cannot load model {args.model!r}: {err}")
     vocab = model.get_output_embeddings().weight.shape[0]

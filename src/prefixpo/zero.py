@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from prefixpo.config import ConfigError
-from prefixpo.logprobs import ScoredLM, is_scored
-from prefixpo.modeling import apply_prefix_attention, unwrap
+from prefixpo.modeling import ScoredLM, apply_prefix_attention, is_scored, unwrap
 from prefixpo.step import Backward, SyncContext
 
 
