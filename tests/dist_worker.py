@@ -23,7 +23,8 @@ from prefixpo.layout import build_batch, layout_group
 from prefixpo.losses import get_loss
 from prefixpo.modeling import ScoredLM, apply_prefix_attention, build_attention_masks
 from prefixpo.packing import pack, split_rows_over_ranks
-from prefixpo.step import preference_step, reference_from_model
+from prefixpo.reference import reference_from_model
+from prefixpo.step import preference_step
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tiny-llama.json"
 
@@ -79,13 +80,9 @@ def main() -> None:
     ref_fn, masks = reference_from_model(reference), None
     no_sync = None
     if sharded:
-        from prefixpo.distributed import (
-            apply_fsdp_hints,
-            collective,
-            reference_for_step,
-            shard_frozen,
-            tied_embeddings,
-        )
+        from prefixpo.engine.fsdp import apply_fsdp_hints, shard_frozen
+        from prefixpo.modeling import tied_embeddings
+        from prefixpo.reference import collective, reference_for_step
 
         policy = shard_like_accelerate(apply_fsdp_hints(policy), args.rank)
         assert tied_embeddings(policy.model), "tied embeddings came out of FSDP preparation as two parameters"

@@ -24,7 +24,8 @@ from prefixpo.cli import main
 from prefixpo.layout import Group
 from prefixpo.losses import get_loss
 from prefixpo.profiles import sample_groups
-from prefixpo.step import preference_step, reference_from_model
+from prefixpo.reference import reference_from_model
+from prefixpo.step import preference_step
 
 TINY = str(CONFIGS / "tiny-llama.json")
 PROFILES = {

@@ -72,6 +72,7 @@ def test_a_full_disk_during_a_save_names_the_path_and_removes_the_partial_checkp
     import errno
 
     import prefixpo.checkpoint
+    import prefixpo.trainer
 
     real = prefixpo.checkpoint.save_model
     calls = {"n": 0}
@@ -83,7 +84,7 @@ def test_a_full_disk_during_a_save_names_the_path_and_removes_the_partial_checkp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(model, tokenizer, directory, state_dict=state_dict)
 
-    monkeypatch.setattr(prefixpo.checkpoint, "save_model", filling)
+    monkeypatch.setattr(prefixpo.trainer, "save_model", filling)
     config = write_config(tmp_path, max_steps=6, save_steps=2, max_samples=40)
     assert main(["train", "--config", str(config)]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

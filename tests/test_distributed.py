@@ -105,7 +105,7 @@ def test_fsdp2_bf16_policy_keeps_scored_logprobs_and_gradient_reduction_in_fp32(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from prefixpo.distributed import keep_fp32_outputs
+    from prefixpo.engine.fsdp import keep_fp32_outputs
     from prefixpo.layout import Group, collate_groups
     from prefixpo.modeling import ScoredLM, compute_logps
 

@@ -12,7 +12,9 @@ from test_step import BETA, assert_same, oracle_step
 from prefixpo.layout import Group, build_batch, layout_group
 from prefixpo.losses import get_loss
 from prefixpo.modeling import apply_prefix_attention, build_attention_masks, compute_logps
-from prefixpo.step import batch_pair_indices, pair_losses, preference_step, reference_from_model
+from prefixpo.pairs import batch_pair_indices
+from prefixpo.reference import reference_from_model
+from prefixpo.step import pair_losses, preference_step
 
 
 def rows_and_merged():

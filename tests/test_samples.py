@@ -55,7 +55,7 @@ def oracle(base: Path, config: Path) -> list[str]:
     from transformers import AutoModelForCausalLM
 
     from prefixpo.config import load_stages
-    from prefixpo.train import load_data, load_tokenizer
+    from prefixpo.trainer import load_data, load_tokenizer
 
     (cfg,) = load_stages(config, [])
     tokenizer = load_tokenizer(cfg)

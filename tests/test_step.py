@@ -11,7 +11,9 @@ from prefixpo.layout import Group, build_batch, layout_group
 from prefixpo.losses import get_loss
 from prefixpo.modeling import apply_prefix_attention
 from prefixpo.packing import pack
-from prefixpo.step import batch_pair_indices, preference_step, reference_from_model, sft_step
+from prefixpo.pairs import batch_pair_indices
+from prefixpo.reference import reference_from_model
+from prefixpo.step import preference_step, sft_step
 
 BETA = 0.1
 
@@ -190,8 +192,8 @@ def test_masks_are_built_once_per_micro_batch_for_policy_and_a_collective_refere
     """A reference run ahead of the step (sharded: ``reference_for_step``) and the step itself share
     one mask build per micro-batch; the step's loss and gradients are the separate-sequence oracle's."""
     import prefixpo.step
-    from prefixpo.distributed import collective, reference_for_step
     from prefixpo.modeling import build_attention_masks
+    from prefixpo.reference import collective, reference_for_step
 
     policy, reference, groups, (want_loss, want_grads) = models
     micro_batches = packed(groups, 256, 1)

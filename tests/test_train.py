@@ -86,9 +86,9 @@ def test_checkpoints_load_with_plain_from_pretrained(tmp_path):
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    import prefixpo.losses
+    import prefixpo.trainer
 
-    real = prefixpo.losses.get_loss
+    real = prefixpo.trainer.get_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -100,7 +100,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
             return (losses * float("nan") if calls["n"] > 6 else losses), metrics
         return loss_fn
 
-    monkeypatch.setattr(prefixpo.losses, "get_loss", poisoned)
+    monkeypatch.setattr(prefixpo.trainer, "get_loss", poisoned)
     assert main(["train", "--config", str(write_config(tmp_path, save_steps=2))]) == 1
     err = capsys.readouterr().err
     assert "the loss is nan at step 4" in err and "checkpoint-2" in err
@@ -112,13 +112,13 @@ def test_a_signal_mid_step_saves_that_whole_step_and_resumes_exactly(tmp_path, m
     """Ctrl-C or SIGTERM (SLURM, Kubernetes) while a step runs: the step finishes (optimizer step
     included), is checkpointed, and the run exits 128 + the signal; resumed, it ends as an
     uninterrupted run does, in metrics and bit-identical weights."""
-    import prefixpo.step
+    import prefixpo.trainer
 
     whole = tmp_path / "whole"
     whole.mkdir()
     assert main(["train", "--config", str(write_config(whole, max_steps=8, save_steps=100))]) == 0
 
-    real = prefixpo.step.preference_step
+    real = prefixpo.trainer.preference_step
     calls = {"n": 0}
 
     def signalled(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_a_signal_mid_step_saves_that_whole_step_and_resumes_exactly(tmp_path, m
             os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prefixpo.step, "preference_step", signalled)
+    monkeypatch.setattr(prefixpo.trainer, "preference_step", signalled)
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     config = str(write_config(stopped, max_steps=8, save_steps=100))
@@ -137,7 +137,7 @@ def test_a_signal_mid_step_saves_that_whole_step_and_resumes_exactly(tmp_path, m
     assert err.startswith(f"prefixpo train: stopped by {signal.Signals(signum).name}: saved") and "at step 4" in err
     assert [p.name for p in (stopped / "run").glob("checkpoint-*")] == ["checkpoint-4"]
     assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # handlers put back
-    monkeypatch.setattr(prefixpo.step, "preference_step", real)
+    monkeypatch.setattr(prefixpo.trainer, "preference_step", real)
     assert main(["train", "--config", config, "--resume_from_checkpoint", "latest"]) == 0
     assert timeless(stopped / "run" / "metrics.jsonl") == timeless(whole / "run" / "metrics.jsonl")
     a, b = final_weights(stopped / "run"), final_weights(whole / "run")
@@ -159,8 +159,8 @@ def test_precomputed_reference_gives_the_live_reference_loss(tmp_path):
     from prefixpo.layout import Group, build_batch, layout_group
     from prefixpo.losses import get_loss
     from prefixpo.modeling import apply_prefix_attention, load_model
-    from prefixpo.reference import precompute_reference, reference_from_cache
-    from prefixpo.step import preference_step, reference_from_model
+    from prefixpo.reference import precompute_reference, reference_from_cache, reference_from_model
+    from prefixpo.step import preference_step
 
     policy = load_model(str(ROOT / "examples/configs/tiny-llama.json"), seed=0, attn_implementation="eager")
     reference = load_model(str(ROOT / "examples/configs/tiny-llama.json"), seed=1, attn_implementation="eager")
@@ -381,10 +381,12 @@ def test_policy_and_reference_that_disagree_at_step_one_stop_the_run(tmp_path, m
     """A reference that computes something else than the policy (here: its log-probs shifted by
     20 nats per response, as a broken attention or sharding path would) stops the run at step 1
     with a message; the unchanged run of the other tests passes the same check."""
-    import prefixpo.train
+    import prefixpo.reference
+    import prefixpo.trainer
+    from prefixpo.guards import TrainingError
     from prefixpo.logprobs import ResponseLogps
 
-    real = prefixpo.train.build_reference
+    real = prefixpo.reference.build_reference
 
     def shifted(*args, **kwargs):
         train_ref, eval_ref, mode = real(*args, **kwargs)
@@ -395,9 +397,9 @@ def test_policy_and_reference_that_disagree_at_step_one_stop_the_run(tmp_path, m
 
         return broken, eval_ref, mode
 
-    monkeypatch.setattr(prefixpo.train, "build_reference", shifted)
-    with pytest.raises(prefixpo.train.TrainingError, match="disagree by"):
-        prefixpo.train.train_stage(stage_config(write_config(tmp_path, max_steps=2)))
+    monkeypatch.setattr(prefixpo.trainer, "build_reference", shifted)
+    with pytest.raises(TrainingError, match="disagree by"):
+        prefixpo.trainer.train_stage(stage_config(write_config(tmp_path, max_steps=2)))
 
 
 def stage_config(path: Path):
@@ -407,9 +409,9 @@ def stage_config(path: Path):
 
 
 def test_a_non_finite_gradient_stops_before_the_step_and_nothing_non_finite_is_saved(tmp_path, monkeypatch, capsys):
-    import prefixpo.step
+    import prefixpo.trainer
 
-    real = prefixpo.step.preference_step
+    real = prefixpo.trainer.preference_step
     calls = {"n": 0}
 
     def poisoned(policy, *args, **kwargs):
@@ -419,7 +421,7 @@ def test_a_non_finite_gradient_stops_before_the_step_and_nothing_non_finite_is_s
             next(p for p in policy.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
         return result
 
-    monkeypatch.setattr(prefixpo.step, "preference_step", poisoned)
+    monkeypatch.setattr(prefixpo.trainer, "preference_step", poisoned)
     assert main(["train", "--config", str(write_config(tmp_path, save_steps=2))]) == 1
     err = capsys.readouterr().err
     assert "the gradient norm is inf at step 5" in err and "checkpoint-4" in err

@@ -8,10 +8,11 @@ from conftest import tiny_model
 from test_step import BETA, make_groups, oracle_step, unpacked
 
 from prefixpo.config import ConfigError
+from prefixpo.engine.deepspeed import accumulation_boundary, configure, engine_backward, gathered
 from prefixpo.losses import get_loss
 from prefixpo.modeling import apply_prefix_attention
-from prefixpo.step import preference_step, reference_from_model
-from prefixpo.zero import accumulation_boundary, configure, engine_backward, gathered
+from prefixpo.reference import reference_from_model
+from prefixpo.step import preference_step
 
 
 class FakeEngine:

@@ -293,7 +293,8 @@ def bench_step(policy: nn.Module, reference: nn.Module, micro_batches: Sequence[
     run the trainer's own ``step.preference_step`` (pairs found on the host beforehand), one
     micro-batch at a time so that ``events`` (a (start, end) CUDA event pair per micro-batch) can
     time each on the device."""
-    from prefixpo.step import preference_step, reference_from_model
+    from prefixpo.reference import reference_from_model
+    from prefixpo.step import preference_step
 
     device = next(policy.parameters()).device
     loss = torch.zeros((), device=device)
@@ -323,7 +324,7 @@ def rank_idle(micro_batch_ms: Sequence[float], tokens: Sequence[int], ranks: int
     >>> rank_idle([3.0, 1.0, 2.0, 2.0], [30, 10, 20, 20], ranks=2, seed=0)
     0.0
     """
-    from prefixpo.distributed import idle_share
+    from prefixpo.metrics import idle_share
 
     dealt = split_rows_over_ranks([[i] for i in range(len(tokens))], list(tokens), ranks, seed)
     return idle_share([sum(micro_batch_ms[i] for row in rows for i in row) for rows in dealt])

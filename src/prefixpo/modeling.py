@@ -226,6 +226,27 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return base
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output layer's weight is the input embedding's (one parameter)."""
+    inner = unwrap(model)
+    head, embed = inner.get_output_embeddings(), inner.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (a tied output layer's weight).
+    ``save_pretrained`` drops them when the weights share storage, but a state dict gathered
+    from FSDP shards holds separate copies, so the caller drops them by name.
+
+    >>> m = nn.ModuleDict({"embed": nn.Embedding(4, 2), "head": nn.Linear(2, 4, bias=False)})
+    >>> m.head.weight = m.embed.weight
+    >>> tied_aliases(m)
+    {'head.weight'}
+    """
+    kept = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept
+
+
 def architecture_of(model: nn.Module) -> str:
     return type(unwrap(model)).__name__
 
@@ -506,6 +527,11 @@ def compute_logps(model: nn.Module, batch: Batch, masks=None, chunk_size: int = 
 # --- loading ------------------------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weights_dtype(bf16: bool) -> torch.dtype:
+    """The dtype weights load in: bf16 with ``bf16`` on CUDA, else fp32 (CPU training computes in fp32)."""
+    return torch.bfloat16 if bf16 and torch.cuda.is_available() else torch.float32
 
 
 def is_config_file(name_or_path: str) -> bool:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prefixpo.layout import Batch
+
 logger = logging.getLogger(__name__)
 
 PAIR_STRATEGIES = ("all", "best_vs_each", "best_vs_worst", "ranking")
@@ -260,3 +262,42 @@ def listwise_dpo_loss(
     }
     return losses, metrics
 
+
+def batch_pair_indices(batch: Batch, pair_config: PairConfig | None = None) -> BatchPairs:
+    """Pairs of a batch. A group with its own pairs (``Group.pairs``, e.g. rows merged by prompt)
+    gives exactly those; a group with scores gives pairs by ``pair_config``; a group without either
+    is a (chosen, rejected) pair: response 0 preferred to response 1. Pairs come group by group."""
+    if batch.num_groups == 0:  # an empty padding row
+        empty = torch.zeros(0, dtype=torch.long)
+        return BatchPairs(empty, empty, empty, [])
+    response_group = batch.response_group.cpu()  # small index work: on the host, whatever the batch's device
+    sizes = torch.bincount(response_group, minlength=batch.num_groups)
+    scores = batch.response_scores.cpu() if batch.response_scores is not None else None
+    if scores is None:
+        scores = torch.full((int(sizes.sum()),), float("nan"))
+    explicit = batch.explicit_pairs.cpu() if batch.explicit_pairs is not None else torch.zeros(0, 3, dtype=torch.long)
+    has_own = torch.zeros(batch.num_groups, dtype=torch.bool)
+    has_own[explicit[:, 2]] = True
+    first = torch.cat([torch.ones(1, dtype=torch.bool), response_group[1:] != response_group[:-1]])
+    # a group with its own pairs gets placeholder scores (first response best); their pairs are dropped below
+    scores = torch.where(has_own[response_group], first.to(scores.dtype), scores)
+    unscored = torch.isnan(scores)
+    if bool(unscored.any()):
+        group_unscored = torch.zeros(batch.num_groups, dtype=torch.bool).index_fill_(
+            0, response_group[unscored], True)
+        bad = (group_unscored & (sizes != 2)).nonzero()
+        if len(bad):
+            g = int(bad[0])
+            raise ValueError(f"group {g} of the batch has {int(sizes[g])} responses and no scores; groups "
+                             "without scores must be (chosen, rejected) pairs")
+        scores = torch.where(unscored, first.float(), scores)  # chosen 1, rejected 0
+    config = pair_config or PairConfig()
+    scored = batch_pairs(scores, response_group, config.strategy, config.min_gap)
+    if not len(explicit):
+        return scored
+    keep = ~has_own[scored.pair_group]
+    chosen = torch.cat([scored.chosen_idx[keep], explicit[:, 0]])
+    rejected = torch.cat([scored.rejected_idx[keep], explicit[:, 1]])
+    group = torch.cat([scored.pair_group[keep], explicit[:, 2]])
+    order = torch.sort(group, stable=True).indices
+    return BatchPairs(chosen[order], rejected[order], group[order], scored.skipped_groups)

@@ -160,6 +160,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return [out]
 
 
+def plot_quietly(run_dir: Path) -> None:
+    """``curves.png`` of a run; plotting is a convenience, so a missing matplotlib is a note, not a failure."""
+    try:
+        plot_run(run_dir)
+    except Exception as err:
+        print(f"note: no plots ({err})", file=sys.stderr)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help=f"a training run directory: one holding {METRICS_FILE}, "
                         "or a multi-stage run's directory (one row of panels per stage)")

@@ -1,21 +1,81 @@
-"""The reference model's log-probs: a frozen model, the policy with LoRA adapters disabled, or
-log-probs precomputed once and cached on disk (then no reference model stays in memory)."""
+"""The reference model's log-probs, every mode in one place (``build_reference``): a frozen model
+(sharded like the policy under FSDP2 or ZeRO-3), the policy with LoRA adapters disabled, or
+log-probs precomputed once and cached on disk (then no reference model stays in memory); TR-DPO's
+reference updated from the policy (``ReferenceSync``); and the check that policy and reference
+agree at step 1 (``check_start_agreement``).
+
+A reference is a function ``(batch, masks) -> ResponseLogps`` given the very masks the policy's
+forward used. One whose forward is a collective (a sharded model) is marked ``collective`` and run
+on every micro-batch of every rank (``reference_for_step``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prefixpo.checkpoint import CheckpointError
+from prefixpo.config import ConfigError, TrainConfig
+from prefixpo.data.config import default_cache_dir
+from prefixpo.guards import TrainingError
 from prefixpo.layout import Batch, Group
 from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps
-from prefixpo.modeling import compute_logps
+from prefixpo.losses import loss_requires_reference
+from prefixpo.modeling import compute_logps, is_config_file, load_model, unwrap, weights_dtype
 from prefixpo.packing import batch_rows
-from prefixpo.step import ReferenceFn
+from prefixpo.samples import adapters_off, attach
+
+ReferenceFn = Callable[[Batch, object], ResponseLogps]
+
+
+def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ReferenceFn:
+    """Reference log-probs from a frozen model, fed the same batch and the same masks."""
+
+    @torch.no_grad()
+    def fn(batch: Batch, masks: object) -> ResponseLogps:
+        return compute_logps(reference, batch, masks, chunk_size)
+
+    return fn
+
+
+def collective(reference: ReferenceFn) -> ReferenceFn:
+    """Mark a reference function whose forward runs collectives (a sharded model)."""
+    reference.collective = True
+    return reference
+
+
+def is_collective(reference: object) -> bool:
+    """Whether calling ``reference`` runs collectives, so every rank must call it alike."""
+    return bool(getattr(reference, "collective", False))
+
+
+def reference_for_step(reference: ReferenceFn | None, micro_batches: Sequence[Batch],
+                       build_masks: Callable[[Batch], object]) -> tuple[ReferenceFn | None, list[object] | None]:
+    """``(reference, masks)``: a reference whose forward is collective is run now on every
+    micro-batch of the step, and the attention masks it was given are returned for
+    ``preference_step`` to use again (built once per micro-batch); any other reference is returned
+    as it is, with no masks (the step builds each micro-batch's masks as it goes).
+
+    ``preference_step`` skips the reference on a micro-batch without pairs (an empty padding
+    row); with a sharded reference the other ranks would then wait in its all-gathers forever.
+    The results are looked up by batch when ``preference_step`` asks for them.
+    """
+    if reference is None or not is_collective(reference):
+        return reference, None
+    masks = [build_masks(mb) for mb in micro_batches]
+    table: dict[int, ResponseLogps] = {id(mb): reference(mb, m) for mb, m in zip(micro_batches, masks)}
+
+    def lookup(batch: Batch, masks: object) -> ResponseLogps:
+        return table[id(batch)]
+
+    return lookup, masks
 
 
 def reference_from_adapters_off(policy: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -163,17 +223,11 @@ class ReferenceSync:
 
     def save(self, checkpoint: Path, weights: dict[str, torch.Tensor]) -> None:
         """Write ``weights`` (``full_weights``) as ``checkpoint/reference/model.safetensors`` (main process)."""
-        from safetensors.torch import save_file
-
         (checkpoint / REFERENCE_DIR).mkdir(exist_ok=True)
         save_file(weights, str(checkpoint / REFERENCE_DIR / REFERENCE_FILE))
 
     def load(self, checkpoint: Path) -> None:
         """Resume: the reference as ``checkpoint`` saved it (every rank reads the file)."""
-        from safetensors.torch import load_file
-
-        from prefixpo.checkpoint import CheckpointError
-
         path = checkpoint / REFERENCE_DIR / REFERENCE_FILE
         if not path.is_file():
             raise CheckpointError(f"{checkpoint} holds no synced reference ({REFERENCE_DIR}/{REFERENCE_FILE}): it "
@@ -185,9 +239,6 @@ def reference_sync(policy: nn.Module, reference_fn: object, alpha: float, every:
                    zero3: bool = False) -> ReferenceSync | None:
     """The ``ReferenceSync`` of the reference model behind ``reference_fn`` (``build_reference``'s,
     which carries it as ``.sample_model``, see ``samples.attach``)."""
-    from prefixpo.config import ConfigError
-    from prefixpo.modeling import unwrap
-
     found = getattr(reference_fn, "sample_model", None)  # as held: under FSDP2 a sharded ScoredLM
     module = unwrap(found.model) if found is not None and found.model is not policy else None
     if module is None:
@@ -196,3 +247,99 @@ def reference_sync(policy: nn.Module, reference_fn: object, alpha: float, every:
         raise ConfigError("config key `sync_ref_model`: not supported under DeepSpeed ZeRO-3 (its reference is a frozen "
                          "engine's partitions); use FSDP2 (examples/accelerate/fsdp2.yaml) or ZeRO-1/2")
     return ReferenceSync(policy, module, alpha, every)
+
+
+# --- every mode in one place --------------------------------------------------------------------
+
+def resolve_mode(cfg: TrainConfig) -> str:
+    """The reference mode a stage runs: ``none`` (SFT, reference-free losses), ``adapters_off``,
+    ``model`` or ``precomputed``; ``auto`` is ``adapters_off`` for LoRA without a reference model."""
+    if cfg.stage == "sft" or not loss_requires_reference(cfg.loss_type, cfg.reference_free):
+        if cfg.reference_mode not in ("auto", "none"):
+            print(f"note: loss {cfg.loss_type} needs no reference; reference_mode ignored", file=sys.stderr)
+        return "none"
+    if cfg.reference_mode == "none":
+        raise ConfigError(f"config key `reference_mode`: loss {cfg.loss_type} needs a reference model")
+    if cfg.reference_mode == "auto":
+        return "adapters_off" if cfg.use_peft and not cfg.ref_model_name_or_path else "model"
+    return cfg.reference_mode
+
+
+def build_reference(cfg: TrainConfig, engine: Any, train_groups: Sequence[Group],
+                    eval_groups: Sequence[Group]) -> tuple[ReferenceFn | None, ReferenceFn | None, str]:
+    """``(train reference, eval reference, mode)``: a function per data split (None for none).
+
+    ``engine``: the run's ``prefixpo.engine`` engine, its policy prepared. A frozen reference model
+    is loaded, placed and sharded as the engine does it (FSDP2 or a frozen ZeRO-3 engine: 1/world
+    of it per rank, its forward a collective; otherwise a whole copy per rank)."""
+    mode = resolve_mode(cfg)
+    if mode == "none":
+        return None, None, mode
+    if mode == "adapters_off":
+        sharded = engine.name != "none"
+        fn = reference_from_adapters_off(engine.policy, cfg.logps_chunk_size, through_wrapper=sharded)
+        fn = attach(collective(fn) if sharded else fn, engine.policy, adapters_off(engine.policy))  # for samples
+        return fn, fn, mode
+    source = cfg.ref_model_name_or_path or cfg.model_name_or_path
+    # a precomputed reference runs without an engine, and random weights are drawn whole: loaded whole
+    with engine.loading(whole=mode == "precomputed" or is_config_file(source), reference=True):
+        model = load_model(source, dtype=weights_dtype(cfg.bf16), seed=cfg.seed, load_in_4bit=cfg.load_in_4bit,
+                           trust_remote_code=cfg.trust_remote_code).eval().requires_grad_(False)
+    model = engine.apply_attention(engine.place(model))
+    if mode == "model":
+        model, is_sharded = engine.shard_reference(model)
+        fn = reference_from_model(model, cfg.logps_chunk_size)
+        fn = attach(collective(fn) if is_sharded else fn, model)  # generate_during_eval samples it, TR-DPO updates it
+        return fn, fn, mode
+    fns = [precomputed(cfg, model, source, groups, engine.accelerator) if groups else None
+           for groups in (train_groups, eval_groups)]
+    return fns[0], fns[1], mode  # no reference model stays in memory
+
+
+def precomputed(cfg: TrainConfig, model: nn.Module, source: str, groups: Sequence[Group], accelerator: Any) -> ReferenceFn:
+    """The reference log-probs of ``groups``, computed once (one process per node writes the cache)."""
+    key = model_fingerprint(source, cfg.seed, "bf16" if cfg.bf16 else "fp32")
+    path = Path(default_cache_dir()).parent / "reference" / \
+        f"{key}-{groups_fingerprint(groups)}-{int(cfg.prefix_sharing)}.pt"
+    with accelerator.local_main_process_first():
+        per_group = precompute_reference(model, groups, path, cfg.per_device_eval_batch_size,
+                                         cfg.logps_chunk_size, cfg.prefix_sharing)
+    return reference_from_cache(per_group)
+
+
+# --- policy and reference agree at the start ----------------------------------------------------
+
+START_AGREEMENT = 0.05  # bf16 rounding moves summed log-probs by ~1e-4 of their size; a broken path by far more
+
+
+def reference_disagreement(metric_sums: dict[str, float], beta: float) -> float | None:
+    """How far apart policy and reference log-probs are, relative to their size, from a step's
+    metric sums: ``sum |rewards| / beta / sum |logps|`` over chosen and rejected (rewards are
+    ``beta (policy - reference)``). None when the loss reports no such metrics.
+
+    >>> reference_disagreement({"rewards/chosen": 0.5, "rewards/rejected": -0.5,
+    ...                         "logps/chosen": -60.0, "logps/rejected": -40.0}, beta=0.1)
+    0.1
+    """
+    keys = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+    if not all(k in metric_sums for k in keys) or beta <= 0:
+        return None
+    size = abs(metric_sums["logps/chosen"]) + abs(metric_sums["logps/rejected"])
+    gap = (abs(metric_sums["rewards/chosen"]) + abs(metric_sums["rewards/rejected"])) / beta
+    return gap / size if size > 0 else None
+
+
+def check_start_agreement(metrics: dict[str, float], beta: float, accelerator) -> None:
+    """Stop a run whose policy and reference, loaded from the same weights, already disagree at step 1:
+    the attention, sharding or precision path differs between the two, and training would optimise
+    that difference instead of the preference loss."""
+    keys = sorted(metrics)
+    sums = accelerator.reduce(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                                           device=accelerator.device), "sum").tolist()
+    gap = reference_disagreement(dict(zip(keys, sums)), beta)
+    if gap is not None and gap > START_AGREEMENT:
+        raise TrainingError(
+            f"at step 1 the policy and the reference model, loaded from the same weights, disagree by "
+            f"{100 * gap:.1f}% of their summed log-probs (rounding gives ~0.01%): the two models do not run the "
+            "same computation. Check that both use the same attention_backend and dtype; run `prefixpo verify` "
+            "for the model; under FSDP or DeepSpeed, compare with a single-process run.")

@@ -10,7 +10,10 @@ size, the accumulation or the number of ranks. SFT does the same over target tok
 The backward of each micro-batch goes through ``backward`` (default ``Tensor.backward``). An
 engine that runs backward itself passes its own, which must not scale the loss again: DeepSpeed's
 ``engine.backward`` divides by its gradient accumulation steps unless told not to
-(``prefixpo.zero.engine_backward``).
+(``prefixpo.engine.deepspeed.engine_backward``).
+
+With ``backward=None`` a step runs forward only (evaluation): nothing is scaled or reduced, and
+the result holds this rank's sums and counts.
 """
 
 from __future__ import annotations
@@ -25,47 +28,8 @@ from torch import nn
 from prefixpo.layout import Batch
 from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps
 from prefixpo.modeling import build_attention_masks, compute_logps
-from prefixpo.pairs import BatchPairs, PairConfig, batch_pairs
-
-
-def batch_pair_indices(batch: Batch, pair_config: PairConfig | None = None) -> BatchPairs:
-    """Pairs of a batch. A group with its own pairs (``Group.pairs``, e.g. rows merged by prompt)
-    gives exactly those; a group with scores gives pairs by ``pair_config``; a group without either
-    is a (chosen, rejected) pair: response 0 preferred to response 1. Pairs come group by group."""
-    if batch.num_groups == 0:  # an empty padding row
-        empty = torch.zeros(0, dtype=torch.long)
-        return BatchPairs(empty, empty, empty, [])
-    response_group = batch.response_group.cpu()  # small index work: on the host, whatever the batch's device
-    sizes = torch.bincount(response_group, minlength=batch.num_groups)
-    scores = batch.response_scores.cpu() if batch.response_scores is not None else None
-    if scores is None:
-        scores = torch.full((int(sizes.sum()),), float("nan"))
-    explicit = batch.explicit_pairs.cpu() if batch.explicit_pairs is not None else torch.zeros(0, 3, dtype=torch.long)
-    has_own = torch.zeros(batch.num_groups, dtype=torch.bool)
-    has_own[explicit[:, 2]] = True
-    first = torch.cat([torch.ones(1, dtype=torch.bool), response_group[1:] != response_group[:-1]])
-    # a group with its own pairs gets placeholder scores (first response best); their pairs are dropped below
-    scores = torch.where(has_own[response_group], first.to(scores.dtype), scores)
-    unscored = torch.isnan(scores)
-    if bool(unscored.any()):
-        group_unscored = torch.zeros(batch.num_groups, dtype=torch.bool).index_fill_(
-            0, response_group[unscored], True)
-        bad = (group_unscored & (sizes != 2)).nonzero()
-        if len(bad):
-            g = int(bad[0])
-            raise ValueError(f"group {g} of the batch has {int(sizes[g])} responses and no scores; groups "
-                             "without scores must be (chosen, rejected) pairs")
-        scores = torch.where(unscored, first.float(), scores)  # chosen 1, rejected 0
-    config = pair_config or PairConfig()
-    scored = batch_pairs(scores, response_group, config.strategy, config.min_gap)
-    if not len(explicit):
-        return scored
-    keep = ~has_own[scored.pair_group]
-    chosen = torch.cat([scored.chosen_idx[keep], explicit[:, 0]])
-    rejected = torch.cat([scored.rejected_idx[keep], explicit[:, 1]])
-    group = torch.cat([scored.pair_group[keep], explicit[:, 2]])
-    order = torch.sort(group, stable=True).indices
-    return BatchPairs(chosen[order], rejected[order], group[order], scored.skipped_groups)
+from prefixpo.pairs import BatchPairs, PairConfig, batch_pair_indices
+from prefixpo.reference import ReferenceFn
 
 
 def global_sum(value: float, device: torch.device | str = "cpu") -> float:
@@ -112,7 +76,6 @@ class StepResult:
 
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-ReferenceFn = Callable[[Batch, object], ResponseLogps]
 # no_sync(is_last_micro_batch) -> context; data-parallel engines skip the gradient all-reduce inside
 SyncContext = Callable[[bool], AbstractContextManager]
 # backward(loss): backpropagates a micro-batch's share of the step loss as given, with no further scaling
@@ -130,16 +93,6 @@ def activation_offload(enabled: bool, device: torch.device) -> AbstractContextMa
     if not enabled:
         return nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
-
-
-def reference_from_model(reference: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ReferenceFn:
-    """Reference log-probs from a frozen model, fed the same batch and the same masks."""
-
-    @torch.no_grad()
-    def fn(batch: Batch, masks: object) -> ResponseLogps:
-        return compute_logps(reference, batch, masks, chunk_size)
-
-    return fn
 
 
 def _ld_sums(logps: ResponseLogps, side: torch.Tensor, other: torch.Tensor, ld_alpha: float,
@@ -203,7 +156,8 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
                     reference: ReferenceFn | None = None, pair_config: PairConfig | None = None,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, no_sync: SyncContext | None = None,
                     pairs: Sequence[BatchPairs] | None = None, num_pairs: float | None = None,
-                    backward: Backward = torch.Tensor.backward, masks: Sequence[object] | None = None) -> StepResult:
+                    backward: Backward | None = torch.Tensor.backward,
+                    masks: Sequence[object] | None = None) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (no optimizer update).
 
     The step queues its work without waiting for the device: pass ``pairs`` (``batch_pair_indices``
@@ -211,18 +165,17 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
     read that finding them on a device batch costs. ``num_pairs``: the step's pairs over all ranks
     and calls, when the caller knows it (a step split over several calls); otherwise the pairs of
     ``micro_batches`` summed over ranks, one all-reduce in data-parallel runs. ``backward``: run on
-    each micro-batch's scaled loss (an engine's own backward; see the module docstring). ``masks``:
-    each micro-batch's attention masks, where the caller built them already (``reference_for_step``);
-    otherwise each is built here, once for the policy and the reference."""
+    each micro-batch's scaled loss (an engine's own backward; see the module docstring), or None for
+    a forward only. ``masks``: each micro-batch's attention masks, where the caller built them
+    already (``reference_for_step``); otherwise each is built here, once for the policy and the
+    reference."""
     device = next(policy.parameters()).device
     if pairs is None:
         pairs = [batch_pair_indices(mb, pair_config) for mb in micro_batches]
     elif len(pairs) != len(micro_batches):
         raise ValueError(f"{len(pairs)} pair sets for {len(micro_batches)} micro-batches")
-    total = num_pairs if num_pairs is not None else global_sum(sum(p.num_pairs for p in pairs), device)
-    if total == 0:
-        raise ValueError("the optimizer step has no preference pair on any rank")
-    scale = world_size() / total
+    total = _step_count(sum(p.num_pairs for p in pairs), num_pairs, backward, device, "preference pair")
+    scale = world_size() / max(total, 1)
     loss_sum = torch.zeros((), device=device)
     metric_sums: dict[str, torch.Tensor] = {}
     for i, (mb, pr) in enumerate(zip(micro_batches, pairs)):
@@ -230,32 +183,47 @@ def preference_step(policy: nn.Module, micro_batches: Sequence[Batch], loss_fn: 
             mask = masks[i] if masks is not None else build_attention_masks(policy, mb)  # policy and reference
             logps = compute_logps(policy, mb, mask, chunk_size, log_sum_sq=getattr(loss_fn, "use_weighting", False))
             if pr.num_pairs == 0:  # an empty row: still run backward, so data-parallel ranks stay in step
-                backward(logps.token_logps.sum() * 0.0)
+                if backward is not None:
+                    backward(logps.token_logps.sum() * 0.0)
                 continue
             ref = reference(mb, mask) if reference is not None else None
             losses, metrics = pair_losses(logps, ref, pr, loss_fn)
             loss = losses.sum()
-            backward(loss * scale)
+            if backward is not None:
+                backward(loss * scale)
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float().sum()
     return StepResult(loss_sum, total, metric_sums)
 
 
+def _step_count(local: float, known: float | None, backward: Backward | None, device: torch.device,
+                what: str) -> float:
+    """What a step's loss is the mean over: ``known``, else ``local`` summed over ranks; a forward
+    only (``backward`` None) counts this rank's alone, and may have none."""
+    if backward is None:
+        return local
+    total = known if known is not None else global_sum(local, device)
+    if total == 0:
+        raise ValueError(f"the optimizer step has no {what} on any rank")
+    return total
+
+
 def sft_step(policy: nn.Module, micro_batches: Sequence[Batch], chunk_size: int = DEFAULT_CHUNK_SIZE,
-             no_sync: SyncContext | None = None, backward: Backward = torch.Tensor.backward) -> StepResult:
+             no_sync: SyncContext | None = None,
+             backward: Backward | None = torch.Tensor.backward) -> StepResult:
     """SFT: the mean negative log-likelihood over all target tokens of the step (``backward`` as in
     ``preference_step``)."""
     device = next(policy.parameters()).device
-    total = global_sum(sum(int(mb.scored_targets.numel()) for mb in micro_batches), device)
-    if total == 0:
-        raise ValueError("the optimizer step has no target token on any rank")
-    scale = world_size() / total
+    total = _step_count(sum(int(mb.scored_targets.numel()) for mb in micro_batches), None, backward, device,
+                        "target token")
+    scale = world_size() / max(total, 1)
     loss_sum = torch.zeros((), device=device)
     for i, mb in enumerate(micro_batches):
         with _no_sync_context(no_sync, i, len(micro_batches)):
             logps = compute_logps(policy, mb, chunk_size=chunk_size)
             loss = -logps.token_logps.sum()
-            backward(loss * scale)
+            if backward is not None:
+                backward(loss * scale)
         loss_sum += loss.detach()
     return StepResult(loss_sum, total)

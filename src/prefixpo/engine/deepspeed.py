@@ -1,19 +1,19 @@
-"""DeepSpeed ZeRO through accelerate: what the training step, the reference and checkpoints need.
+"""DeepSpeed ZeRO through accelerate.
 
 accelerate's ``prepare`` turns the policy (a ``ScoredLM``) into a ``DeepSpeedEngine`` and wraps
 the optimizer in a wrapper whose ``step`` and ``zero_grad`` do nothing: the engine owns backward,
-gradient accumulation, clipping and the optimizer step. So under DeepSpeed the trainer
+gradient accumulation, clipping and the optimizer step. So under DeepSpeed prefixpo
 
-- fills the DeepSpeed config keys prefixpo owns (``configure``): rows per micro-batch,
-  accumulation steps, gradient clipping, and gathering the weights for saving (ZeRO-3);
+- fills the DeepSpeed config keys it owns (``configure``): rows per micro-batch, accumulation
+  steps, gradient clipping, and gathering the weights for saving (ZeRO-3);
 - backpropagates each micro-batch through ``engine.backward`` *without* its division by the
-  accumulation steps (``engine_backward``): ``preference_step`` already scales every micro-batch
-  to its share of the mean over all pairs of the step (docs/design.md section 4), and the engine's
-  average over ranks is the one the step expects from any data-parallel engine;
-- tells the engine which micro-batch ends the step (``accumulation_boundary``, used as
-  ``preference_step``'s ``no_sync``), since the last step of an epoch may have fewer;
-- calls ``engine.step()`` once per optimizer step (``optimizer_step``: clip, step, zero the
-  gradients) and reads the gradient norm after it.
+  accumulation steps: ``preference_step`` already scales every micro-batch to its share of the
+  mean over all pairs of the step (docs/design.md section 4), and the engine's average over ranks
+  is the one the step expects from any data-parallel engine;
+- tells the engine which micro-batch ends the step (``no_sync``), since the last step of an
+  epoch may have fewer;
+- calls ``engine.step()`` once per optimizer step (clip, step, zero the gradients) and reads the
+  gradient norm after it.
 
 ZeRO-3 partitions every parameter, and a module's forward hooks gather only its own. The scored
 forward reads the output layer's weight outside ``lm_head.forward``, so that weight is registered
@@ -29,28 +29,18 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from prefixpo.checkpoint import DEEPSPEED_DIR, load_engine_state, save_engine_state
 from prefixpo.config import ConfigError
+from prefixpo.engine import Engine, GradientCheck
 from prefixpo.modeling import ScoredLM, apply_prefix_attention, is_scored, unwrap
 from prefixpo.step import Backward, SyncContext
-
-
-def is_deepspeed(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def zero_stage(accelerator: Any) -> int:
-    """The ZeRO stage of a DeepSpeed run, 0 without DeepSpeed."""
-    if not is_deepspeed(accelerator):
-        return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
 
 
 def _fill(node: dict, key: str, value: Any, prefixpo_key: str) -> None:
@@ -128,13 +118,6 @@ def gathered(params: Iterable[torch.Tensor | None]) -> Iterator[None]:
         yield
 
 
-def apply_attention(model: nn.Module, backend: str) -> nn.Module:
-    """``apply_prefix_attention`` on a model that may be ZeRO-3-partitioned (``zero3_init_flag``):
-    its checks run a short forward, so the weights are gathered whole for them, once."""
-    with gathered(model.parameters()):
-        return apply_prefix_attention(model, backend)
-
-
 def head_params(model: nn.Module) -> list[nn.Parameter]:
     """The output layer's weight (and bias), which the scored forward reads directly."""
     head = unwrap(model).get_output_embeddings()
@@ -152,16 +135,14 @@ def register_head(scored: nn.Module) -> None:
             deepspeed.zero.register_external_parameter(scored, p)
 
 
-def frozen_engine(model: nn.Module, accelerator: Any) -> nn.Module:
+def frozen_engine(model: nn.Module, config: dict) -> nn.Module:
     """The frozen reference partitioned by ZeRO-3: a ``ScoredLM`` in a DeepSpeed engine without an
-    optimizer, built from the policy's DeepSpeed config (so call it after the policy's ``prepare``,
-    which filled every ``auto``). ``compute_logps`` takes the engine like a model; its forward is
-    a collective. ``model`` has prefix attention applied already."""
+    optimizer, built from the policy's DeepSpeed ``config`` (after the policy's ``prepare``, which
+    filled every ``auto``). ``compute_logps`` takes the engine like a model; its forward is a
+    collective. ``model`` has prefix attention applied already."""
     import deepspeed
 
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
+    config = {k: v for k, v in copy.deepcopy(config).items() if k not in ("optimizer", "scheduler")}
     engine, *_ = deepspeed.initialize(model=ScoredLM(model.requires_grad_(False).eval()), config=config)
     engine.eval()
     register_head(engine.module)
@@ -169,7 +150,7 @@ def frozen_engine(model: nn.Module, accelerator: Any) -> nn.Module:
 
 
 def engine_backward(engine: Any) -> Backward:
-    """``preference_step``'s ``backward`` under DeepSpeed: the engine's, without its 1/accumulation."""
+    """A step's ``backward`` under DeepSpeed: the engine's, without its 1/accumulation."""
 
     def backward(loss: torch.Tensor) -> None:
         engine.backward(loss, scale_wrt_gas=False)
@@ -178,8 +159,8 @@ def engine_backward(engine: Any) -> Backward:
 
 
 def accumulation_boundary(engine: Any) -> SyncContext:
-    """``preference_step``'s ``no_sync`` under DeepSpeed: marks the step's last micro-batch as the
-    gradient accumulation boundary (where ZeRO-1/2 reduce and the engine may step) and the others not."""
+    """A step's ``no_sync`` under DeepSpeed: marks the step's last micro-batch as the gradient
+    accumulation boundary (where ZeRO-1/2 reduce and the engine may step) and the others not."""
 
     @contextmanager
     def context(last: bool) -> Iterator[None]:
@@ -189,15 +170,67 @@ def accumulation_boundary(engine: Any) -> SyncContext:
     return context
 
 
-def optimizer_step(engine: Any) -> float:
-    """The engine's optimizer step (clipping to ``gradient_clipping``, the step, zeroing the
-    gradients); returns the gradient norm before clipping, as ``clip_grad_norm_`` does."""
-    engine.step()
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
-
-
 def is_partitioned(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are ZeRO-3 partitions (loaded under ``zero3_init_flag``, or
     prepared); then the engine places them, and a plain ``.to(device)`` must not."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO-1/2/3: the engine keeps fp32 master weights in its optimizer (bf16 in its config)."""
+
+    name = "deepspeed"
+    description = "with DeepSpeed"
+
+    def __init__(self, accelerator: Any, cfg: Any) -> None:
+        super().__init__(accelerator, cfg)
+        if cfg.load_in_4bit:
+            raise ConfigError("config key `load_in_4bit`: QLoRA is not supported under DeepSpeed; run it on one "
+                              "GPU or with DDP (examples/accelerate/ddp.yaml)")
+        self.config = accelerator.state.deepspeed_plugin.deepspeed_config
+        configure(self.config, cfg)  # before the model loads
+        # accelerate's own count, which it compares with the DeepSpeed config's (and warns)
+        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+        self.zero3 = int(self.config["zero_optimization"]["stage"]) == 3
+
+    def loading(self, whole: bool, reference: bool = False) -> AbstractContextManager:
+        return whole_model_loading(whole)
+
+    def master_weights(self) -> bool:
+        return False
+
+    def place(self, model: nn.Module) -> nn.Module:
+        return model if is_partitioned(model) else model.to(self.device)
+
+    def apply_attention(self, model: nn.Module) -> nn.Module:
+        """Its checks run a short forward, so a partitioned model's weights are gathered whole for them, once."""
+        with gathered(model.parameters()):
+            return apply_prefix_attention(model, self.cfg.attention_backend)
+
+    def prepare(self, policy: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        super().prepare(policy, optimizer)
+        if self.zero3:  # the scored forward reads the output layer's (partitioned) weight
+            register_head(self.accelerator.unwrap_model(self.policy))
+        self.backward, self.no_sync = engine_backward(self.policy), accumulation_boundary(self.policy)
+        return self.policy
+
+    def shard_reference(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        if self.zero3:
+            return frozen_engine(model, self.config), True
+        return self.place(model), False  # ZeRO-1/2 keep a whole copy per rank
+
+    def clip_and_step(self, check: GradientCheck) -> tuple[float, str | None]:
+        """The engine clips (``gradient_clipping``), steps and zeroes the gradients; its norm comes after."""
+        self.policy.step()
+        norm = self.policy.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, check(norm)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {}
+
+    def save_state(self, directory: Path) -> None:
+        save_engine_state(self.policy, directory / DEEPSPEED_DIR)
+
+    def load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        load_engine_state(self.policy, checkpoint / DEEPSPEED_DIR)
