@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 from transformers.utils import logging as transformers_logging
@@ -41,7 +41,9 @@ from prefixpo.checkpoint import (
 )
 from prefixpo.config import ConfigError, TrainConfig, save_config
 from prefixpo.data.mixture import load_mixture
-from prefixpo.engine import Engine, choose_engine
+from prefixpo.engine.deepspeed import DeepSpeedEngine
+from prefixpo.engine.fsdp import FSDPEngine
+from prefixpo.engine.plain import Engine
 from prefixpo.guards import Divergence, StopSignals, TrainingError, written_whole
 from prefixpo.layout import Batch, Group
 from prefixpo.losses import get_loss
@@ -228,12 +230,19 @@ class Run:
 
 # --- setup --------------------------------------------------------------------------------------
 
+def choose_engine(accelerator: Any, cfg: TrainConfig) -> Engine:
+    """The engine of accelerate's launch configuration, chosen once; its checks of ``cfg`` and its
+    settings (the DeepSpeed config, FSDP2's precision) come before any model loads."""
+    engines = {DistributedType.FSDP: FSDPEngine, DistributedType.DEEPSPEED: DeepSpeedEngine}
+    return engines.get(accelerator.distributed_type, Engine)(accelerator, cfg)
+
+
 def setup_accelerator(cfg: TrainConfig) -> tuple[Any, Engine]:
     out = Path(cfg.output_dir)
     # trackers name the run after output_dir; tensorboard writes its events into output_dir itself
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out.parent)))
-    engine = choose_engine(accelerator, cfg)  # its checks and settings come before any model loads
+    engine = choose_engine(accelerator, cfg)
     if cfg.torch_num_threads:
         torch.set_num_threads(cfg.torch_num_threads)
     transformers_logging.disable_progress_bar()  # no loading and saving bars between the trainer's own lines

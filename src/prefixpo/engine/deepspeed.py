@@ -38,7 +38,7 @@ from torch import nn
 
 from prefixpo.checkpoint import DEEPSPEED_DIR, load_engine_state, save_engine_state
 from prefixpo.config import ConfigError
-from prefixpo.engine import Engine, GradientCheck
+from prefixpo.engine.plain import Engine, GradientCheck
 from prefixpo.modeling import ScoredLM, apply_prefix_attention, is_scored, unwrap
 from prefixpo.step import Backward, SyncContext
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from prefixpo.checkpoint import SHARDED_DIR, load_sharded_state, save_sharded_state
 from prefixpo.config import ConfigError
-from prefixpo.engine import Engine
+from prefixpo.engine.plain import Engine
 from prefixpo.guards import TrainingError
 from prefixpo.modeling import ScoredLM, is_scored, tied_embeddings, unwrap
 
