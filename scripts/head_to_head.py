@@ -40,12 +40,17 @@ Triton caches, so memory peaks and compilations do not carry over from one run t
 Needs TRL (1.16) and ``datasets`` importable beside prefixpo. On a GPU, from the repository root::
 
     python scripts/head_to_head.py --out runs/h2h
-    python scripts/head_to_head.py --out runs/h2h-pk --trainers prefixpo --prefixpo-set packing=true --label "prefixpo, packing"
+    python scripts/head_to_head.py --out runs/h2h-pk --model runs/h2h/model --trainers prefixpo \
+        --prefixpo-set packing=true --label "prefixpo, packing"       # the same weights, one more setting
     python scripts/head_to_head.py --table-from runs/h2h/results.json runs/h2h-pk/results.json
 
-It writes ``OUT/results.json`` (every number, per-step times and losses, versions) and prints a
-markdown table; the head-to-head table of docs/benchmarks.md comes from it. ``--device cpu --dtype
-float32`` runs on the CPU (the test uses the tiny config ``examples/configs/tiny-llama.json``).
+It writes ``OUT/results.json`` (every number, per-step times, pairs, losses and gradient norms,
+versions) and prints a markdown table; the head-to-head table of docs/benchmarks.md comes from it.
+Each run's log, config and metrics stay under ``OUT/PROFILE/RUN/``; saved models and compile caches
+are removed after each run (``--keep-outputs`` keeps them). TRL's step times come from a
+``TrainerCallback`` (a CUDA synchronize at each step's end), prefixpo's from ``metrics.jsonl``
+(``logging_steps: 1``). ``--device cpu --dtype float32`` runs on the CPU (the test uses the tiny
+config ``examples/configs/tiny-llama.json``).
 """
 
 from __future__ import annotations
@@ -211,7 +216,7 @@ def trl_worker(spec_path: str) -> None:
     lengths = [len(p) + len(r) for p, c, rj in zip(trainer.train_dataset["prompt_ids"],
                                                     trainer.train_dataset["chosen_ids"],
                                                     trainer.train_dataset["rejected_ids"]) for r in (c, rj)]
-    result = {"worker_started": started, "times": times, "steps": steps, "peak_gib": peak,
+    result = {"worker_started": started, "device_name": torch.cuda.get_device_name() if cuda else None, "times": times, "steps": steps, "peak_gib": peak,
               "weights_dtype": weights, "bf16_autocast": bf16 and weights == "float32",
               "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled(), "rows": len(trainer.train_dataset),
               "longest_sequence": max(lengths), "versions": {
@@ -295,7 +300,7 @@ def run_trl(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     return {"ok": True, **proc, "first_step_s": ends[0] - proc["launched"] if ends else None,
             "peak_gib": res["peak_gib"], "mfu": None, "steps": steps,
             "setup": {k: res[k] for k in ("weights_dtype", "bf16_autocast", "cudnn_sdp", "rows", "longest_sequence")},
-            "versions": res["versions"],
+            "versions": res["versions"], "device_name": res["device_name"],
             "phases_s": {"to_trainer_built": res["times"]["trainer_built"] - proc["launched"],
                          "train": res["times"]["train_end"] - res["times"]["train_begin"],
                          "save": res["times"]["saved"] - res["times"]["train_end"]}}
@@ -314,7 +319,7 @@ def run_prefixpo(spec: dict[str, Any], sets: list[str], env: dict[str, str]) -> 
     records = [r for r in records if r.get("split") == "train"]
     if proc["rc"] != 0 or not records:
         return {"ok": False, **proc}
-    steps = [{"step": r["step"], "time_s": r["step_time_s"], "pairs": r["pairs"],
+    steps = [{"step": r["step"], "time_s": r["step_time_s"], "pairs": int(r["pairs"]) if float(r["pairs"]).is_integer() else r["pairs"],
               "loss": r["loss"], "grad_norm": r.get("grad_norm"), "learning_rate": r.get("learning_rate"),
               **({"mfu": r["mfu"]} if "mfu" in r else {})} for r in records]
     first = records[0]
@@ -367,8 +372,9 @@ def table(results: list[dict[str, Any]]) -> str:
         rows += res["runs"]
     order = {p: i for i, p in enumerate(dict.fromkeys(r["profile"] for r in rows))}
     rows = sorted(rows, key=lambda r: order[r["profile"]])
+    versus = "trl-best" if any(r["trainer"] == "trl-best" for r in rows) else "trl-default"
     out = [f"<!-- {line} -->" for line in meta]
-    out += ["| profile | trainer | pairs/s (steady) | x TRL best | first step s | wall s | peak GiB | MFU % "
+    out += [f"| profile | trainer | pairs/s (steady) | x {versus} | first step s | wall s | peak GiB | MFU % "
             "| slowest / median | losses, steps 1-3 |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -377,7 +383,7 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         s = r["summary"]
         base = next((x["summary"]["steady_pairs_per_s"] for x in rows if x["profile"] == r["profile"]
-                     and x["trainer"] == "trl-best" and x["ok"]), None)
+                     and x["trainer"] == versus and x["ok"]), None)
         ratio = s["steady_pairs_per_s"] / base if base and s["steady_pairs_per_s"] else None
         losses = " / ".join(_f(v, ".4f") for v in s["losses"][:3])
         out.append(f"| {r['profile']} | {r['label']} | {_f(s['steady_pairs_per_s'], '.2f')} | {_f(ratio, '.2f')} "
@@ -448,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                         "dtype": dtype, "device": device, "learning_rate": args.learning_rate,
                         "warmup_steps": args.warmup_steps, "gradient_checkpointing": args.gradient_checkpointing,
                         "data_seed": seed, "train_seed": SEED, "versions": versions,
-                        "device_name": torch.cuda.get_device_name() if device != "cpu" else None},
+                        "device_name": None, "commit": _commit()},
                "runs": []}
     for name in names:
         profile_dir = out / name
@@ -472,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"profile": name, "trainer": trainer, "label": label if trainer == "prefixpo" else trainer,
                    **run}
             if run["ok"]:
+                results["meta"]["device_name"] = results["meta"]["device_name"] or run.get("device_name")
                 row["summary"] = summarize(run, args.warmup_steps)
                 s = row["summary"]
                 print(f"{name}: {row['label']}: {_f(s['steady_pairs_per_s'], '.2f')} pairs/s, first step "
@@ -485,9 +492,30 @@ def main(argv: list[str] | None = None) -> int:
                 for junk in ("cache", "output/final", "trl-output"):
                     shutil.rmtree(run_dir / junk, ignore_errors=True)
             (out / "results.json").write_text(json.dumps(results, indent=1))
+    if device != "cpu" and not results["meta"]["device_name"]:
+        results["meta"]["device_name"] = _gpu_name(device)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(table([results]))
     return 0 if all(r["ok"] for r in results["runs"]) else 1
+
+
+def _gpu_name(device: str) -> str | None:
+    """The GPU's name from nvidia-smi (the parent process stays off the GPU)."""
+    index = device.split(":", 1)[1] if ":" in device else os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    try:
+        names = subprocess.run(["nvidia-smi", "-i", index or "0", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30).stdout.split("\n")
+        return names[0].strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _versions() -> dict[str, str]:
