@@ -14,10 +14,10 @@ import json
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from prefixpo.bench.profiles import load_profiles, sample_groups
 from prefixpo.layout import build_batch, layout_group
 from prefixpo.masks import prefix_mask_mod
 from prefixpo.packing import pack
-from prefixpo.profiles import load_profiles, sample_groups
 
 FWD = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}
 OPTIONS = {

@@ -11,18 +11,11 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from prefixpo.bench import (
-    bench_step,
-    build_models,
-    default_pairs_per_step,
-    fit_both_layouts,
-    layout_step,
-    model_config,
-    set_compiled,
-    set_mode_attention,
-)
+from prefixpo.bench.harness import bench_step, layout_step
+from prefixpo.bench.layouts import default_pairs_per_step, fit_both_layouts
+from prefixpo.bench.models import build_models, model_config, set_compiled, set_mode_attention
+from prefixpo.bench.profiles import load_profiles, sample_groups
 from prefixpo.losses import get_loss
-from prefixpo.profiles import load_profiles, sample_groups
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from prefixpo.bench.profiles import load_profiles
 from prefixpo.layout import Group, collate_groups
 from prefixpo.modeling import apply_prefix_attention, compute_logps, load_model
-from prefixpo.profiles import load_profiles
 from prefixpo.verify import TOLERANCES, compare, random_groups, verification_loss
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]

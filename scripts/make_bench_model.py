@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from prefixpo.bench import model_config
+from prefixpo.bench.models import model_config
+from prefixpo.bench.profiles import load_profiles
 from prefixpo.modeling import load_model
-from prefixpo.profiles import load_profiles
 
 
 def main() -> None:

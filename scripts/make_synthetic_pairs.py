@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from prefixpo.profiles import load_profiles, sample_lengths
+from prefixpo.bench.profiles import load_profiles, sample_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 
