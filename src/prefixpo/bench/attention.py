@@ -92,7 +92,7 @@ def methods(mask: str, mask_mod: Callable, length: int,
     out = {"flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask),
            "sdpa-dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)}
     if mask == "causal":
-        def flash(q, k, v):
+        def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if device.type != "cuda":
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -104,10 +104,10 @@ def methods(mask: str, mask_mod: Callable, length: int,
 def time_method(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad_out: torch.Tensor,
                 with_backward: bool, repeats: int, timer: Callable) -> tuple[float, float | None]:
     """Median seconds of a forward and of a forward+backward, after three warm-up rounds."""
-    def forward():
+    def forward() -> None:
         fn(*inputs)
 
-    def forward_backward():
+    def forward_backward() -> None:
         fn(*inputs).backward(grad_out)
 
     for _ in range(3):
