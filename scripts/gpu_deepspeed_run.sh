@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# DeepSpeed ZeRO-3 on 2 GPUs against 1 GPU without it, the same global batch (docs/training.md
-# "Several GPUs"), in one run on a machine with 2 GPUs. Where deepspeed is not installed, the run
-# needs .whl-ds/ (deepspeed 0.19.8 built with `DS_BUILD_OPS=0 pip wheel deepspeed==0.19.8
-# --no-deps`, and wheels of what it and `datasets` need; each is installed only where the image
-# lacks the module) and .data-ds/ (the quickstart data as save_to_disk directories: JSONL loading
-# fails on the image, docs/training.md "A short run on the GPU").
-#   0. the quickstart's tiny Llama with random weights saved to disk (seed 0), in /tmp/dsrun/model
+# DeepSpeed ZeRO-3 on 2 GPUs against 1 GPU without it, the same global batch: the numbers of
+# docs/training.md "Several GPUs" ("DeepSpeed on 2 GPUs"; raw: docs/results/deepspeed-h200/).
+# Needs 2 CUDA GPUs with torch, transformers, accelerate, datasets and deepspeed importable
+# (`DS_BUILD_OPS=0 pip install deepspeed`: nothing is compiled). From the repository root:
+#
+#   OUT=$OUT bash scripts/gpu_deepspeed_run.sh
+#
+# Parts (each log in $OUT/NAME.log, its exit code in $OUT/parts.txt):
+#   0. weights:   the quickstart's tiny Llama with random weights (seed 0) saved to $WORK/model
 #   1. one:       1 GPU, no DeepSpeed, fp32, accumulation 4
 #   2. zero3:     2 GPUs, examples/accelerate/zero3.yaml, fp32, accumulation 2, checkpoint at step SAVE
 #   3. resume:    from that checkpoint, to the end
 #   4. bf16:      2 GPUs, ZeRO-3 in bf16 (the example's recipe), and 5. bf16-one: 1 GPU, bf16 with
 #                 fp32 master weights (the closest single-GPU recipe)
 #   6. summary:   per-step loss and grad-norm differences, from_pretrained of the final models
-# DPO (sigmoid), a frozen reference, prefix sharing, packing (256), FlexAttention, 8 steps, eval
-# every 4. Run from the repository root: OUT=$OUT bash scripts/gpu_deepspeed_run.sh. A CPU dry run:
+#                 ($OUT/deepspeed_summary.json)
+# DPO (sigmoid) on the quickstart's preference data, a frozen reference, prefix sharing, packing
+# (256), FlexAttention, 8 steps, eval every 4. A CPU dry run:
 #   LAUNCH2="python -m accelerate.commands.launch --config_file examples/accelerate/zero3.yaml
 #   --num_processes 2" ENTRY=tests/deepspeed_cpu.py ONE_GPU= EXTRA="--attention_backend sdpa"
 #   DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 bash scripts/gpu_deepspeed_run.sh
@@ -28,35 +31,13 @@ LAUNCH2=${LAUNCH2:-$PY -m accelerate.commands.launch --config_file examples/acce
 ENTRY=${ENTRY:--m prefixpo.cli}
 ONE_GPU=${ONE_GPU:-CUDA_VISIBLE_DEVICES=0}
 EXTRA=${EXTRA:-}
-DATA=${DATA:-.data-ds}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off
+TRAIN=${TRAIN:-examples/quickstart/data/pref_train.jsonl} EVAL=${EVAL:-examples/quickstart/data/pref_eval.jsonl}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off, as in the published runs
 export PREFIXPO_CACHE=$WORK/cache TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 rm -rf "$WORK" && mkdir -p "$WORK"
 
-# wheels: a group is installed when its first module does not import
-SITE=$WORK/site
-install() {  # MODULE WHEEL-PREFIX...
-    local module=$1; shift
-    if ! $PY -c "import $module" > /dev/null 2>&1; then
-        local wheels=()
-        for prefix in "$@"; do wheels+=(.whl-ds/"$prefix"-*.whl); done
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${wheels[@]}" \
-            && echo "installed $*"
-    fi
-}
-export PYTHONPATH=$SITE:src${PYTHONPATH:+:$PYTHONPATH}
-if [ -d .whl-ds ]; then
-    install deepspeed deepspeed
-    install hjson hjson
-    install msgpack msgpack
-    install einops einops
-    install ninja ninja
-    install pynvml nvidia_ml_py
-    install cpuinfo py_cpuinfo
-    install pydantic pydantic pydantic_core annotated_types typing_inspection
-    install datasets datasets dill multiprocess xxhash
-fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi -L 2>/dev/null; $PY -c "import sys, torch, transformers, accelerate, deepspeed, datasets; print('python',
 sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate',
 accelerate.__version__, 'deepspeed', deepspeed.__version__, 'datasets', datasets.__version__, 'gpus',
@@ -74,13 +55,8 @@ part() {  # part NAME SECONDS COMMAND...: log in $OUT/NAME.log
 }
 
 part weights 60 $PY -c "
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('examples/quickstart/model'), dtype=torch.float32)
-model.save_pretrained('$WORK/model')"
-TRAIN=$DATA/pref_train EVAL=$DATA/pref_eval
-if [ ! -d "$TRAIN" ]; then TRAIN=examples/quickstart/data/pref_train.jsonl EVAL=examples/quickstart/data/pref_eval.jsonl; fi
+from prefixpo.modeling import load_model
+load_model('examples/quickstart/model/config.json', seed=0).save_pretrained('$WORK/model')"
 read -r -a EXTRA_ARGS <<< "$EXTRA"
 COMMON=(--model_name_or_path "$WORK/model" --tokenizer_name_or_path examples/quickstart/tokenizer --stage preference
     --dataset "$TRAIN" --eval_dataset "$EVAL" --data "{use_cache: false}" --max_length 128 --seed 0
@@ -146,6 +122,4 @@ EOF
 for run in one zero3 resume bf16 bf16-one; do
     cp "$WORK/$run/metrics.jsonl" "$OUT/$run-metrics.jsonl" 2>/dev/null
 done
-# the logs and metrics in one archive
-(cd "$OUT" && tar czf runs.tgz --remove-files ./*.log ./*-metrics.jsonl parts.txt checkpoint-listing.txt 2>/dev/null)
 echo "total $(( $(date +%s) - START ))s"

@@ -1,9 +1,12 @@
-"""Where FlexAttention's time goes on a real packed row: one llama-1b attention call (32 query heads,
-8 key/value heads, head dim 64, bf16) on an 8192-token row packed with capybara-length groups,
-forward and forward+backward, for compile modes, kernel options and two ways of writing the mask
-predicate; SDPA flash (plain causal over the row) as the yardstick. Run from the repository root:
+"""FlexAttention alone on a real packed row: the table of docs/benchmarks.md "Why these settings"
+(raw: docs/results/flex-tune-h100.jsonl), behind the static compiled layers, the one-code predicate
+and ``modeling.TUNED_FLEX_OPTIONS``. One llama-1b attention call (32 query heads, 8 key/value
+heads, head dim 64, bf16) on an 8192-token row packed with capybara-length groups, forward and
+forward+backward (CUDA-event medians), for compile modes, kernel options and two ways of writing
+the mask predicate; SDPA flash (plain causal over the row) as the yardstick. Needs one CUDA GPU.
+From the repository root:
 
-    PYTHONPATH=src python scripts/gpu_flex_tune.py
+    PYTHONPATH=src python scripts/gpu_flex_tune.py [--out flex-tune.jsonl]
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import json
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from prefixpo.bench.profiles import load_profiles, sample_groups
 from prefixpo.layout import build_batch, layout_group
 from prefixpo.masks import prefix_mask_mod
 from prefixpo.packing import pack
-from prefixpo.profiles import load_profiles, sample_groups
 
 FWD = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}
 OPTIONS = {

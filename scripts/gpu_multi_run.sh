@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# One GPU against two with FSDP2, the same global batch (docs/training.md "Several GPUs"), in one
-# run of under 9 minutes on a machine with 2 GPUs:
-#   0. the llama-1b config of bench_profiles.json (random weights, tied embeddings) in /tmp/llama-1b
+# FSDP2 on one GPU against two, the same global batch: the "Several GPUs: FSDP2 on 2 H200" table and
+# notes of docs/benchmarks.md (raw: docs/results/multi-gpu-h200/) and the 2-GPU check of
+# docs/training.md "Several GPUs". Needs 2 CUDA GPUs with torch, transformers, accelerate and
+# datasets (and matplotlib for the loss plot). From the repository root, the two published runs:
+#
+#   STEPS=30 SAVE=20 RESUME_STEPS=4 BUCKETS=1 BUDGET=545 PLAIN_STEPS=12 OUT=$OUT bash scripts/gpu_multi_run.sh
+#   STEPS=14 SAVE=10 RESUME_STEPS=4 GA=8 BUCKETS=1 BUDGET=500 PLAIN_STEPS=10 OUT=$OUT bash scripts/gpu_multi_run.sh
+#
+# (4 and 8 packed rows per optimizer step). Parts:
+#   0. the llama-1b shape of the benchmark profiles with random weights (seed 0, tied embeddings),
+#      saved to $MODEL by scripts/make_bench_model.py; 512 synthetic capybara-profile rows
+#      (scripts/make_synthetic_pairs.py) unless TRAIN names a dataset
 #   1. one:    FSDP2 on 1 GPU (the same mixed precision recipe: fp32 master weights, bf16 compute),
 #              DPO (sigmoid) with prefix sharing, packing (8192), bf16, FlexAttention, eager model,
-#              a frozen reference; 1 packed row per micro-batch x 4 accumulation steps
-#   2. multi:  FSDP2 on 2 GPUs (examples/accelerate/fsdp2.yaml), 2 accumulation steps: the same
-#              4 rows per optimizer step; a sharded checkpoint at step SAVE
+#              a frozen reference; 1 packed row per micro-batch x GA accumulation steps
+#   2. multi:  FSDP2 on 2 GPUs (examples/accelerate/fsdp2.yaml), GA/2 accumulation steps: the same
+#              rows per optimizer step; a sharded checkpoint at step SAVE
 #   3. resume: from that checkpoint, RESUME_STEPS steps, in another directory; resume2: the same again
 #   4. load:   the multi run's final model and its checkpoint with plain from_pretrained, a forward
-#   5. plain:  1 GPU without FSDP (bf16 weights, the single-GPU default), a few steps: throughput only
+#   5. plain:  1 GPU without FSDP (bf16 weights, the single-GPU default), PLAIN_STEPS steps: throughput only
 #   6. summary (scripts/multi_gpu_summary.py): pairs/s and scaling, loss differences per step,
 #              rank imbalance, loss_curves.png and multi_gpu_summary.json
-# Every part runs under `timeout` (within BUDGET seconds in all) and prints its exit code; a failed
-# part does not stop the later ones. Runs are written to /tmp/multi; only logs, metrics, the plot and
-# the summary go to $OUT. Run from the repository root: OUT=$OUT bash scripts/gpu_multi_run.sh
-# (wheels for `datasets` in .whl/, data in .data/ as save_to_disk directories, as gpu_train_run.sh).
+# Parts 0-5 share BUDGET seconds (each also has its own limit) and print their exit codes; a failed
+# part does not stop the later ones. Runs are written to $WORK; logs, metrics, the plot and the
+# summary go to $OUT. A CPU dry run (tiny model, FSDP2 through tests/fsdp_cpu.py under torchrun):
+# set LAUNCH1, LAUNCH, PORT_FLAG, ENTRY, ONE_GPU and EXTRA, below.
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -32,7 +41,7 @@ PORT_FLAG=${PORT_FLAG:---main_process_port}
 ENTRY=${ENTRY:--m prefixpo.cli}  # what LAUNCH starts (a CPU dry run: tests/fsdp_cpu.py)
 ONE_GPU=${ONE_GPU:-CUDA_VISIBLE_DEVICES=0}
 EXTRA=${EXTRA:-}                 # further trainer overrides (a CPU dry run: tiny model, sdpa, no bf16)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off, as in the published runs
 export PREFIXPO_CACHE=/tmp/prefixpo-cache TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -61,14 +70,7 @@ part() {  # part NAME SECONDS COMMAND...: at most SECONDS (and what is left of B
     grep -v -i -E "warn|^\s*$" "$OUT/$name.log" | tail -n 6
 }
 
-if [ -d .whl ]; then
-    timeout 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl
-    echo "part wheels: exit $?" | tee -a "$OUT/parts.txt"
-    export PYTHONPATH=/tmp/site:src
-else
-    export PYTHONPATH=src
-fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi -L; timeout 60 $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())"
 } > "$OUT/env.txt" 2>&1
@@ -82,8 +84,8 @@ elif ! ls "$MODEL"/*.safetensors > /dev/null 2>&1; then
     timeout 120 $PY scripts/make_bench_model.py --model "$MODEL" --out "$MODEL" --weights
     echo "part weights: exit $?" | tee -a "$OUT/parts.txt"
 fi
-TRAIN=${TRAIN:-.data/capybara}
-if [ ! -d "$TRAIN" ] && [ ! -f "$TRAIN" ]; then
+TRAIN=${TRAIN:-}
+if [ -z "$TRAIN" ]; then
     TRAIN=$WORK/capybara.jsonl
     timeout 120 $PY scripts/make_synthetic_pairs.py --profile capybara --num 512 --out "$TRAIN"
 fi
@@ -128,7 +130,4 @@ part summary 40 $PY scripts/multi_gpu_summary.py summary --one "$WORK/one" --mul
 for run in one multi resume resume2 plain; do
     cp "$WORK/$run/metrics.jsonl" "$OUT/$run-metrics.jsonl" 2>/dev/null
 done
-# the logs and metrics in one archive
-(cd "$OUT" && tar czf runs.tgz --remove-files ./*.log ./*-metrics.jsonl parts.txt checkpoint-listing.txt 2>/dev/null)
-find "$OUT" -type f -size +20M -delete  # nothing big comes back
 echo "total $(( $(date +%s) - START ))s"

@@ -1,7 +1,10 @@
-"""Profile one shared-packed benchmark step on the GPU: where the time goes (kernels by total CUDA
-time), for METHOD-style notes in docs/benchmarks.md. Run from the repository root:
+"""A kernel-time profile of one benchmark step: docs/benchmarks.md "Why these settings" (a profile
+kept in docs/results/profile-shared-packed-h100-before.txt). Builds the llama-1b shape with random
+weights (``bench.models``), lays out capybara-profile steps as ``prefixpo bench`` does
+(``bench.harness.layout_step``), runs three steps, then profiles the fourth with torch.profiler and
+prints its kernels by GPU time. Needs one CUDA GPU. From the repository root:
 
-    PYTHONPATH=src python scripts/gpu_profile_step.py [--profile capybara]
+    PYTHONPATH=src python scripts/gpu_profile_step.py [--profile capybara] [--mode shared-packed] [--eager]
 """
 
 from __future__ import annotations
@@ -11,18 +14,11 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from prefixpo.bench import (
-    bench_step,
-    build_models,
-    default_pairs_per_step,
-    fit_both_layouts,
-    layout_step,
-    model_config,
-    set_compiled,
-    set_mode_attention,
-)
+from prefixpo.bench.harness import bench_step, layout_step
+from prefixpo.bench.layouts import default_pairs_per_step, fit_both_layouts
+from prefixpo.bench.models import build_models, model_config, set_compiled, set_mode_attention
+from prefixpo.bench.profiles import load_profiles, sample_groups
 from prefixpo.losses import get_loss
-from prefixpo.profiles import load_profiles, sample_groups
 
 
 def main() -> None:

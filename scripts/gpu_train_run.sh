@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
-# A short real training run on the GPU (docs/training.md): the llama-1b shape of bench_profiles.json,
-# random weights, DPO with prefix sharing and packing on synthetic capybara-length data, bf16,
-# FlexAttention. Run from the repository root on a GPU machine (wheels for `datasets` in .whl/ where it is not installed).
+# A short training run on one GPU: docs/training.md "A short run on the GPU" (metrics:
+# docs/results/gpu-train-capybara-metrics.jsonl, plot: docs/gpu-train-capybara.png). The llama-1b
+# shape of the benchmark profiles with random weights (scripts/make_bench_model.py), DPO with prefix
+# sharing and packing (8192) on 512 synthetic capybara-profile rows and a 64-row eval set
+# (scripts/make_synthetic_pairs.py, unless TRAIN and EVAL name datasets), bf16, FlexAttention,
+# 60 steps. Needs one CUDA GPU with torch, transformers, accelerate and datasets. From the
+# repository root:
+#
+#   OUT=train-out bash scripts/gpu_train_run.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-train-out}
 mkdir -p "$OUT" /tmp/llama-1b
-if [ -d .whl ]; then
-    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:src
-else
-    export PYTHONPATH=src
-fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 python scripts/make_bench_model.py --out /tmp/llama-1b
-# the data: save_to_disk directories made with scripts/make_synthetic_pairs.py (see docs/training.md),
-# or made here as JSONL
-TRAIN=.data/capybara EVAL=.data/capybara-eval
-if [ ! -d "$TRAIN" ]; then
+TRAIN=${TRAIN:-} EVAL=${EVAL:-}
+if [ -z "$TRAIN" ]; then
     python scripts/make_synthetic_pairs.py --profile capybara --num 512 --out /tmp/capybara.jsonl
     python scripts/make_synthetic_pairs.py --profile capybara --num 64 --seed 1 --out /tmp/capybara-eval.jsonl
     TRAIN=/tmp/capybara.jsonl EVAL=/tmp/capybara-eval.jsonl

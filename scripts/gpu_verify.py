@@ -1,6 +1,9 @@
-"""GPU verification for docs/verification.md: flex forward+backward against the dense path and
-against separate sequences, fp32 and bf16, on every verified architecture and on the
-``llama-1b`` shape of bench_profiles.json. Run from the repository root:
+"""The GPU verification of docs/verification.md "On the GPU (H100)": prefixpo's FlexAttention path
+(compiled, forward and backward) against separate sequences through transformers' own attention and
+against prefixpo's dense-mask path, fp32 and bf16, on the tiny model of every verified architecture
+(examples/configs/) and on the ``llama-1b`` shape of the benchmark profiles (random weights,
+capybara-like lengths). Writes the table's numbers as JSON (docs/results/verification-h100.json)
+and prints the table. Needs one CUDA GPU. From the repository root:
 
     PYTHONPATH=src python scripts/gpu_verify.py --out verification.json
 """
@@ -16,9 +19,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from prefixpo.bench.profiles import load_profiles
 from prefixpo.layout import Group, collate_groups
 from prefixpo.modeling import apply_prefix_attention, compute_logps, load_model
-from prefixpo.profiles import load_profiles
 from prefixpo.verify import TOLERANCES, compare, random_groups, verification_loss
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
@@ -70,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="verification.json")
     parser.add_argument("--profiles", default=None,
-                        help="a profiles JSON file with the model shapes (default: the packaged bench_profiles.json)")
+                        help="a profiles JSON file with the model shapes (default: the packaged prefixpo/bench/profiles.json)")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64
     env = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
@@ -87,7 +90,7 @@ def main() -> None:
             fd = flex_vs_dense(model, groups)
             rows.append(result_row(f"tiny-{arch}", dtype, result, fd, t0))
             print(json.dumps(rows[-1]), flush=True)
-    # the llama-1b shape of bench_profiles.json, random weights, bf16 and fp32, capybara-like lengths
+    # the llama-1b shape of the profiles, random weights, bf16 and fp32, capybara-like lengths
     spec = load_profiles(args.profiles)["models"]["llama-1b"]
     cfg = {k: v for k, v in spec.items() if k != "architecture"}
     cfg["model_type"] = "llama"

@@ -1,6 +1,6 @@
 """Head-to-head: TRL's ``DPOTrainer`` against ``prefixpo train`` on the same pairs, model and weights.
 
-What it measures, per length profile (``bench_profiles.json``) and per trainer setting:
+What it measures, per length profile (``prefixpo/bench/profiles.json``) and per trainer setting:
 
 - **steady pairs/s**: the median over the steps after ``--warmup-steps`` of pairs / step time
   (``mean_pairs_per_s_after_warmup`` in the JSON: all those steps' pairs over all their time,
@@ -85,15 +85,13 @@ def _src_path() -> str | None:
 
 
 def _profiles_module():
-    try:
-        from prefixpo.bench import profiles
-    except ImportError:
-        from prefixpo import profiles
+    from prefixpo.bench import profiles
+
     return profiles
 
 
 def _model_config(name: str, profiles: dict):
-    from prefixpo.bench import model_config
+    from prefixpo.bench.models import model_config
 
     return model_config(name, profiles)
 

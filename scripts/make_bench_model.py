@@ -1,6 +1,8 @@
-"""A model directory of a bench_profiles.json model shape (default llama-1b), for the GPU runs:
-its config.json, and with ``--weights`` random bf16 weights (seed 0) saved beside it, so that every
-process and every model of a run loads the same tensors.
+"""A model directory of a benchmark profiles model shape (default llama-1b): its config.json, and
+with ``--weights`` random bf16 weights (seed 0, drawn by ``prefixpo.modeling.load_model``) saved
+beside it, so that every process and both models of a run load the same tensors. The GPU training
+runs start from it: scripts/gpu_train_run.sh (docs/training.md "A short run on the GPU") and
+scripts/gpu_multi_run.sh (docs/benchmarks.md "Several GPUs"). From the repository root:
 
     PYTHONPATH=src python scripts/make_bench_model.py --out /tmp/llama-1b --weights
 """
@@ -12,9 +14,9 @@ import os
 
 import torch
 
-from prefixpo.bench import model_config
+from prefixpo.bench.models import model_config
+from prefixpo.bench.profiles import load_profiles
 from prefixpo.modeling import load_model
-from prefixpo.profiles import load_profiles
 
 
 def main() -> None:

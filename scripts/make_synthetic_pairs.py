@@ -1,9 +1,12 @@
-"""Synthetic preference rows with a benchmark profile's lengths (bench_profiles.json), as text.
+"""Synthetic preference rows with a benchmark profile's lengths (``prefixpo/bench/profiles.json``),
+as text: the data of the GPU training runs, scripts/gpu_train_run.sh (docs/training.md "A short run
+on the GPU") and scripts/gpu_multi_run.sh (docs/benchmarks.md "Several GPUs").
 
 Words come from the quickstart tokenizer's vocabulary (one word = one token), so the rows go
-through the real data pipeline (chat template, tokenization) with the profile's token lengths:
+through the real data pipeline (chat template, tokenization) with the profile's token lengths.
+From the repository root:
 
-    python scripts/make_synthetic_pairs.py --profile capybara --out pairs.jsonl [--num 512]
+    PYTHONPATH=src python scripts/make_synthetic_pairs.py --profile capybara --out pairs.jsonl [--num 512]
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from prefixpo.profiles import load_profiles, sample_lengths
+from prefixpo.bench.profiles import load_profiles, sample_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 

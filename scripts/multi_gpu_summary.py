@@ -1,4 +1,5 @@
-"""The results of scripts/gpu_multi_run.sh: FSDP2 on one GPU against two, the same global batch.
+"""The results of scripts/gpu_multi_run.sh (docs/benchmarks.md "Several GPUs"): FSDP2 on one GPU
+against two, the same global batch. From the repository root:
 
     python scripts/multi_gpu_summary.py load DIR [DIR ...] --out from_pretrained.json
     python scripts/multi_gpu_summary.py summary --one RUN --multi RUN --resume RUN [--plain RUN] --out OUT_DIR

@@ -10,20 +10,13 @@ import pytest
 import torch
 from conftest import CONFIGS
 
-from prefixpo.bench import (
-    MODES,
-    bench_step,
-    build_models,
-    layout_step,
-    micro_batch_triples,
-    model_config,
-    rank_idle,
-    set_mode_attention,
-)
+from prefixpo.bench.harness import bench_step, layout_step, micro_batch_triples, rank_idle
+from prefixpo.bench.layouts import MODES
+from prefixpo.bench.models import build_models, model_config, set_mode_attention
+from prefixpo.bench.profiles import sample_groups
 from prefixpo.cli import main
 from prefixpo.layout import Group
 from prefixpo.losses import get_loss
-from prefixpo.profiles import sample_groups
 from prefixpo.reference import reference_from_model
 from prefixpo.step import preference_step
 

@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from prefixpo.bench.profiles import DEFAULT_PROFILES, load_profiles, sample_lengths
 from prefixpo.layout import Group
 from prefixpo.packing import (
     PackingConfig,
@@ -13,7 +14,6 @@ from prefixpo.packing import (
     row_length,
     split_rows_over_ranks,
 )
-from prefixpo.profiles import DEFAULT_PROFILES, load_profiles, sample_lengths
 
 
 def random_lengths(n, seed, high=900):

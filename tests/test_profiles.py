@@ -10,7 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from prefixpo.profiles import DEFAULT_PROFILES, load_profiles, sample_lengths
+from prefixpo.bench.profiles import DEFAULT_PROFILES, load_profiles, sample_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["capybara", "hh-rlhf", "metamath-dpo", "tldr", "tulu-helpsteer", "ultrafeedback"]
@@ -18,7 +18,7 @@ NAMES = ["capybara", "hh-rlhf", "metamath-dpo", "tldr", "tulu-helpsteer", "ultra
 
 def test_default_profiles_are_the_packaged_file(monkeypatch):
     monkeypatch.delenv("PREFIXPO_BENCH_PROFILES", raising=False)
-    packaged = resources.files("prefixpo") / "bench_profiles.json"
+    packaged = resources.files("prefixpo.bench") / "profiles.json"
     assert packaged.is_file() and Path(str(packaged)) == DEFAULT_PROFILES
     profiles = load_profiles()
     assert sorted(profiles["profiles"]) == NAMES
@@ -46,7 +46,7 @@ def test_sampled_lengths_respect_the_profile_limits():
 def test_pyproject_ships_the_profiles_as_package_data():
     text = (ROOT / "pyproject.toml").read_text()
     section = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
-    assert '"bench_profiles.json"' in section
+    assert '"prefixpo.bench" = ["profiles.json"]' in section
 
 
 def bench_command(cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ def tracked_files() -> list[str]:
 
 def test_no_tracked_file_points_outside_the_repository():
     files = tracked_files()
-    assert "src/prefixpo/profiles.py" in files
+    assert "src/prefixpo/bench/profiles.py" in files
     found = []
     for name in files:
         path = ROOT / name

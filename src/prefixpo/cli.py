@@ -13,7 +13,7 @@ COMMANDS = {
     "prepare": ("prefixpo.prepare", "check and tokenize a preference dataset and print its statistics"),
     "plot": ("prefixpo.plot", "draw the loss and reward curves of a training run to PNG files"),
     "train": ("prefixpo.train", "SFT and preference training from a YAML config"),
-    "bench": ("prefixpo.bench", "time preference-training steps: separate vs shared, unpacked vs packed"),
+    "bench": ("prefixpo.bench.cli", "time preference-training steps: separate vs shared, unpacked vs packed"),
 }
 
 

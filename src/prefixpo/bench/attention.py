@@ -21,16 +21,22 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from prefixpo.masks import prefix_mask_mod
 
 HEADS, HEAD_DIM = 16, 64
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
 
 
-def shared_prefix_layout(length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shared_prefix_layout(length: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``document_ids``, ``segment_ids``, ``position_ids`` ``[1, T]`` of groups of ``min(T, 2048)``
     tokens (prompt 1/2, two responses 1/4 each); a short tail is one more group.
 
@@ -49,17 +55,17 @@ def shared_prefix_layout(length: int, device) -> tuple[torch.Tensor, torch.Tenso
     return tuple(torch.tensor([x], device=device) for x in (doc, seg, pos))  # type: ignore[return-value]
 
 
-def mask_mod_for(mask: str, length: int, device):
-    from prefixpo.masks import prefix_mask_mod
-
+def mask_mod_for(mask: str, length: int, device: torch.device | str) -> Callable:
+    """The ``mask_mod`` (FlexAttention's predicate) of ``mask``: causal, or prefixpo's rule over
+    ``shared_prefix_layout``."""
     if mask == "causal":
         return lambda b, h, q, k: k <= q
     return prefix_mask_mod(*shared_prefix_layout(length, device))
 
 
-def _timer(device):
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
     """``time(fn) -> seconds`` of one call: CUDA events on the GPU, perf_counter on the CPU."""
-    def time_cuda(fn) -> float:
+    def time_cuda(fn: Callable[[], Any]) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -67,7 +73,7 @@ def _timer(device):
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    def time_cpu(fn) -> float:
+    def time_cpu(fn: Callable[[], Any]) -> float:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
@@ -75,11 +81,10 @@ def _timer(device):
     return time_cuda if device.type == "cuda" else time_cpu
 
 
-def methods(mask: str, mask_mod, length: int, device):
-    """``name -> attend(q, k, v)`` for the methods that support ``mask``."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
+def methods(mask: str, mask_mod: Callable, length: int,
+            device: torch.device) -> tuple[dict[str, Callable[..., torch.Tensor]], torch.Tensor]:
+    """``name -> attend(q, k, v)`` for the methods that support ``mask``, and the dense boolean
+    mask ``[T, T]``."""
     block_mask = create_block_mask(mask_mod, 1, None, length, length, device=device)
     dense = mask_mod(torch.zeros((), dtype=torch.long, device=device), None,
                      torch.arange(length, device=device)[:, None], torch.arange(length, device=device)[None, :])
@@ -87,7 +92,7 @@ def methods(mask: str, mask_mod, length: int, device):
     out = {"flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask),
            "sdpa-dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)}
     if mask == "causal":
-        def flash(q, k, v):
+        def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if device.type != "cuda":
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -96,12 +101,13 @@ def methods(mask: str, mask_mod, length: int, device):
     return out, dense
 
 
-def time_method(fn, inputs, grad_out, with_backward: bool, repeats: int, timer) -> tuple[float, float | None]:
+def time_method(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad_out: torch.Tensor,
+                with_backward: bool, repeats: int, timer: Callable) -> tuple[float, float | None]:
     """Median seconds of a forward and of a forward+backward, after three warm-up rounds."""
-    def forward():
+    def forward() -> None:
         fn(*inputs)
 
-    def forward_backward():
+    def forward_backward() -> None:
         fn(*inputs).backward(grad_out)
 
     for _ in range(3):
@@ -113,7 +119,8 @@ def time_method(fn, inputs, grad_out, with_backward: bool, repeats: int, timer) 
     return fwd, fwd_bwd
 
 
-def bench_one(length: int, mask: str, repeats: int, device, dtype) -> list[dict]:
+def bench_one(length: int, mask: str, repeats: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Check every method of ``mask`` at ``length`` against the dense path in fp32, then time it."""
     gen = torch.Generator(device=device).manual_seed(length)
     shape = (1, HEADS, length, HEAD_DIM)
     q, k, v, grad_out = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(4))
@@ -148,6 +155,7 @@ def bench_one(length: int, mask: str, repeats: int, device, dtype) -> list[dict]
 
 
 def plot(rows: list[dict], path: str) -> str | None:
+    """Forward+backward ms by length, one panel per mask, to ``path``; a note if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -171,6 +179,7 @@ def plot(rows: list[dict], path: str) -> str | None:
 
 
 def run_attention(args: argparse.Namespace, device: torch.device) -> int:
+    """``prefixpo bench --attention``: every length and mask, JSON lines, a plot and a table."""
     lengths = args.lengths or DEFAULT_LENGTHS
     if any(n < 8 for n in lengths):
         print("prefixpo bench: error: --lengths must be at least 8", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Synthetic groups with the length profiles of ``bench_profiles.json`` (benchmarks and packing tests).
+"""Synthetic groups with the benchmark length profiles of ``profiles.json`` (benchmarks and packing tests).
 
 For a profile with median overall length ``m`` and prompt-to-response ratio ``q`` (overall =
 prompt + mean response; ratio = prompt / mean response), the median prompt is ``m q / (1 + q)``
@@ -18,11 +18,11 @@ from typing import Any
 
 from prefixpo.layout import Group
 
-DEFAULT_PROFILES = Path(__file__).resolve().parent / "bench_profiles.json"  # shipped as package data
+DEFAULT_PROFILES = Path(__file__).resolve().parent / "profiles.json"  # shipped as package data
 
 
 def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The profiles file: ``path``, else ``$PREFIXPO_BENCH_PROFILES``, else the packaged ``bench_profiles.json``."""
+    """The profiles file: ``path``, else ``$PREFIXPO_BENCH_PROFILES``, else the packaged ``profiles.json``."""
     path = Path(path or os.environ.get("PREFIXPO_BENCH_PROFILES") or DEFAULT_PROFILES)
     if not path.is_file():
         raise FileNotFoundError(f"no bench profiles at {path}; pass --profiles PATH or set PREFIXPO_BENCH_PROFILES")
