@@ -78,7 +78,8 @@ class TrainConfig:
     # (FSDP2 always does this); false holds them in bf16
     fp32_master_weights: bool = False
     gradient_checkpointing: bool = False
-    torch_compile: bool = False
+    # auto: every decoder layer compiled, one static graph per packed row length, on CUDA with packing
+    torch_compile: bool | str = "auto"
     activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss
     beta: float = 0.1
@@ -108,9 +109,9 @@ class TrainConfig:
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (needs bitsandbytes, CUDA and use_peft)
     # prefixpo
     prefix_sharing: bool = True
-    packing: bool = False
-    packing_capacity: int = 8192
-    packing_num_buckets: int = 4  # row lengths: capacity * k / n, k = 1..n (each a compiled shape)
+    packing: bool = True
+    packing_capacity: int | str = "auto"  # auto: micro-batch size x the longest group, in multiples of 128
+    packing_num_buckets: int = 4  # packed row lengths, from the data (each a compiled shape)
     attention_backend: str = "auto"
     logps_chunk_size: int = 1024
     # output, logging, evaluation
@@ -209,9 +210,13 @@ class TrainConfig:
             raise bad("num_train_epochs", "must be > 0 unless max_steps is set")
         if self.packing_num_buckets < 1:
             raise bad("packing_num_buckets", f"must be at least 1, got {self.packing_num_buckets}")
-        if self.packing and (self.packing_capacity < 128 or self.packing_capacity % 128):
-            raise bad("packing_capacity", f"must be a positive multiple of 128, got {self.packing_capacity}")
-        if self.packing and self.packing_capacity < self.max_length:
+        if self.packing_capacity != "auto" and (isinstance(self.packing_capacity, bool)
+                                                or not isinstance(self.packing_capacity, int)
+                                                or self.packing_capacity < 128 or self.packing_capacity % 128):
+            raise bad("packing_capacity", f"must be auto or a positive multiple of 128, got {self.packing_capacity!r}")
+        if self.torch_compile not in (True, False, "auto"):
+            raise bad("torch_compile", f"must be true, false or auto, got {self.torch_compile!r}")
+        if self.packing and self.packing_capacity != "auto" and self.packing_capacity < self.max_length:
             raise bad("packing_capacity", f"({self.packing_capacity}) must be at least max_length "
                       f"({self.max_length}), so every group fits in a row")
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)

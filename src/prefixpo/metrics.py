@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from prefixpo.layout import Group
 
 
 def synchronize(device: torch.device) -> None:
@@ -41,6 +44,57 @@ def rank_balance(tokens: Sequence[float], seconds: Sequence[float]) -> dict[str,
     return {"rank_token_imbalance": idle_share(tokens), "slowest_rank_idle": idle_share(seconds)}
 
 
+PEAKS_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12}  # dense bf16 tensor-core peak (NVIDIA datasheets)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a known GPU, for MFU; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAKS_BF16.items() if k in name), None)
+
+
+def model_dims(model: nn.Module) -> dict[str, int]:
+    """Non-embedding parameters and the shapes that attention and output-layer FLOPs need."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    heads = cfg.num_attention_heads
+    return {"params_nonembedding": total - embed.numel() - (0 if head is embed else head.numel()),
+            "layers": cfg.num_hidden_layers, "heads": heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            "vocab": head.shape[0], "hidden": head.shape[1]}
+
+
+def causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def attention_pairs(group: Group, shared: bool = True) -> int:
+    """Allowed (q, k) pairs of a group: shared, the prompt causally and every response to the prompt
+    and causally to itself; separate, every prompt+response its own causal sequence.
+
+    >>> attention_pairs(Group([1, 2], [[3, 4], [5]])), attention_pairs(Group([1, 2], [[3, 4], [5]]), shared=False)
+    (13, 16)
+    """
+    p = len(group.prompt_ids)
+    if not shared:
+        return sum(causal_pairs(p + len(r)) for r in group.response_ids)
+    return causal_pairs(p) + sum(len(r) * p + causal_pairs(len(r)) for r in group.response_ids)
+
+
+def forward_flops(dims: dict[str, int], group: Group, shared: bool = True) -> float:
+    """Model FLOPs of one forward of ``group``: its tokens through the non-embedding weights (2 N
+    per token), attention over its allowed (q, k) pairs (QK^T and PV: 4 heads head_dim per pair per
+    layer) and the output layer at its scored tokens (2 V H per token). Fwd+bwd is 3 forwards."""
+    tokens = group.num_tokens if shared else group.num_separate_tokens
+    scored = sum(len(r) for r in group.response_ids)
+    return (2 * dims["params_nonembedding"] * tokens
+            + 4 * dims["layers"] * dims["heads"] * dims["head_dim"] * attention_pairs(group, shared)
+            + 2 * dims["vocab"] * dims["hidden"] * scored)
+
+
 @dataclass
 class Window:
     """Sums over the steps since the last log line."""
@@ -51,11 +105,13 @@ class Window:
     rank_tokens: list[float] = field(default_factory=list)  # real tokens of each rank
     imbalance: dict[str, float] = field(default_factory=dict)  # sums of rank_balance's shares
     metrics: dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0  # model FLOPs of every rank
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: float, count: float, rank_tokens: list[float], rank_seconds: list[float],
-            metrics: dict[str, float]) -> None:
+            metrics: dict[str, float], flops: float = 0.0) -> None:
         self.steps += 1
+        self.flops += flops
         self.loss += loss
         self.count += count
         self.rank_tokens = [a + b for a, b in zip(self.rank_tokens or [0.0] * len(rank_tokens), rank_tokens)]

@@ -247,6 +247,35 @@ def tied_aliases(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of ``model`` (instances of transformers' ``_no_split_modules`` classes)."""
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model: nn.Module, max_shapes: int = 64) -> int:
+    """``torch.compile`` every decoder layer with static shapes: one graph per row length (packed
+    rows come in a few bucket lengths), shared by all layers of the model. Returns the layers
+    compiled. ``max_shapes``: graphs kept per layer before dynamo gives up compiling it."""
+    import torch._dynamo
+
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), max_shapes))
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def architecture_of(model: nn.Module) -> str:
     return type(unwrap(model)).__name__
 

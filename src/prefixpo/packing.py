@@ -10,6 +10,7 @@ kernels see few shapes::
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -211,8 +212,11 @@ class PackingStats:
                 "sharing_saving": round(self.sharing_saving, 4)}
 
 
-def packing_stats(groups: Sequence[Group], rows: Sequence[Sequence[int]], config: PackingConfig) -> PackingStats:
-    buckets = bucket_lengths(config.capacity, config.num_buckets)
+def packing_stats(groups: Sequence[Group], rows: Sequence[Sequence[int]], config: PackingConfig,
+                  buckets: Sequence[int] | None = None) -> PackingStats:
+    """How full ``rows`` are; rows padded to the smallest of ``buckets`` (default: evenly spaced
+    lengths up to the capacity) that holds them."""
+    buckets = buckets or bucket_lengths(config.capacity, config.num_buckets)
     used = [sum(groups[i].num_tokens for i in row) for row in rows]
     return PackingStats(
         num_groups=sum(len(r) for r in rows),
@@ -229,36 +233,83 @@ MicroBatch = list[Row]
 Step = list[MicroBatch]  # the micro-batches of one optimizer step on one rank
 
 
+def pack_rows(indices: Sequence[int], lengths: Sequence[int], capacity: int) -> list[Row]:
+    """``indices`` packed first-fit decreasing into rows of at most ``capacity`` tokens (as few rows
+    as the capacity allows, in a deterministic order).
+
+    >>> pack_rows([0, 1, 2, 3], [5, 3, 4, 2], capacity=8)
+    [[0, 1], [2, 3]]
+    """
+    rows: list[Row] = []
+    free: list[int] = []
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        if lengths[i] > capacity:
+            raise ValueError(f"a group of {lengths[i]} tokens exceeds the row capacity {capacity}")
+        r = next((r for r, room in enumerate(free) if lengths[i] <= room), None)
+        if r is None:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+        else:
+            rows[r].append(i)
+            free[r] -= lengths[i]
+    return rows
+
+
 def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, packing: PackingConfig | None,
-               rows_per_micro_batch: int = 1, gradient_accumulation_steps: int = 1, world_size: int = 1,
+               micro_batch_size: int = 1, gradient_accumulation_steps: int = 1, world_size: int = 1,
                rank: int = 0) -> list[Step]:
     """This rank's optimizer steps for one epoch: ``steps[s][m]`` is micro-batch ``m`` of step ``s``,
     a list of rows, each a list of group indices.
 
-    Packed: rows of ``packing.capacity`` tokens. Unpacked: one group per row. The epoch's rows (in
-    an order that depends on ``seed`` and ``epoch`` only) are cut into global steps of
-    ``rows_per_micro_batch * gradient_accumulation_steps * world_size`` rows, and each step's rows
-    are dealt to ranks by ``split_rows_over_ranks``. So a step trains the same groups whatever the
-    split of its global batch into ranks and accumulation steps (1 rank x 2 accumulation steps =
-    2 ranks x 1), and micro-batch ``m`` of every rank holds rows of similar token counts. Every
-    rank gets the same number of steps and micro-batches (an empty row fills a short round; the
-    last step of an epoch may hold fewer micro-batches, on every rank alike). Every group appears
-    exactly once across ranks and steps.
+    The epoch's groups, in an order that depends on ``seed`` and ``epoch`` only, are cut into
+    optimizer steps of ``micro_batch_size * gradient_accumulation_steps * world_size`` groups, the
+    batch TRL's config names (the last step of an epoch may hold fewer). Each step's groups are dealt
+    to ranks by token count (``split_rows_over_ranks``), so a step trains the same groups whatever the
+    split of its batch into ranks and accumulation steps, and packing decides only how a rank's
+    groups are laid out:
 
-    >>> steps = plan_epoch([5, 3, 4, 2], seed=0, epoch=0, packing=None, rows_per_micro_batch=2)
+    - unpacked: micro-batches of ``micro_batch_size`` rows, one group per row;
+    - packed: the rank's groups of the step packed into as few rows of at most
+      ``packing.capacity`` tokens as fit (``pack_rows``), one row per micro-batch.
+
+    Every rank gets the same number of steps and, in each step, of micro-batches (empty rows fill
+    in), so engines whose forward is a collective stay in step. Every group appears exactly once
+    across ranks and steps.
+
+    >>> steps = plan_epoch([5, 3, 4, 2], seed=0, epoch=0, packing=None, micro_batch_size=2)
     >>> [[len(mb) for mb in step] for step in steps], sorted(i for s in steps for mb in s for r in mb for i in r)
     ([[2], [2]], [0, 1, 2, 3])
+    >>> plan_epoch([5, 3, 4, 2], seed=0, epoch=0, packing=PackingConfig(capacity=128), micro_batch_size=4)
+    [[[[0, 2, 1, 3]]]]
     """
     epoch_seed = seed * 100_003 + epoch
-    if packing is not None:
-        rows = pack(lengths, packing.capacity, seed=epoch_seed, window=packing.window)
-    else:
-        order = list(range(len(lengths)))
-        random.Random(epoch_seed).shuffle(order)
-        rows = [[i] for i in order]
-    per_step = rows_per_micro_batch * gradient_accumulation_steps * world_size
+    order = list(range(len(lengths)))
+    random.Random(epoch_seed).shuffle(order)
+    per_step = micro_batch_size * gradient_accumulation_steps * world_size
     steps = []
-    for start in range(0, len(rows), per_step):
-        mine = split_rows_over_ranks(rows[start:start + per_step], lengths, world_size, seed=epoch_seed + start)[rank]
-        steps.append([mine[i:i + rows_per_micro_batch] for i in range(0, len(mine), rows_per_micro_batch)])
+    for start in range(0, len(order), per_step):
+        ranks = split_rows_over_ranks([[i] for i in order[start:start + per_step]], lengths, world_size,
+                                      seed=epoch_seed + start)
+        if packing is None:
+            mine = ranks[rank]
+            steps.append([mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)])
+            continue
+        rows = [pack_rows([i for row in r for i in row], lengths, packing.capacity) for r in ranks]
+        most = max(len(r) for r in rows)
+        steps.append([[row] for row in rows[rank] + [[] for _ in range(most - len(rows[rank]))]])
     return steps
+
+
+def data_buckets(used: Sequence[int], capacity: int, num_buckets: int) -> list[int]:
+    """Row lengths (multiples of 128) for rows of ``used`` tokens: the ``k / num_buckets``
+    quantiles of the rows, rounded up, and ``capacity`` last, so that every row a plan can make
+    (at most ``capacity`` tokens) has a length, and each length is one compiled shape.
+
+    >>> data_buckets([100, 200, 300, 1000, 90, 120], capacity=1024, num_buckets=3)
+    [128, 256, 1024]
+    """
+    sizes = sorted(round_up(max(u, 1), 128) for u in used)
+    if not sizes:
+        return [capacity]
+    cuts = {sizes[max(math.ceil(len(sizes) * k / num_buckets) - 1, 0)] for k in range(1, num_buckets)}
+    return sorted(c for c in cuts if c < capacity) + [capacity]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from prefixpo.checkpoint import (
     resolve_checkpoint,
     rng_state,
     save_model,
+    set_rng_state,
     start_checkpoint,
     verify_checkpoint,
 )
@@ -45,12 +47,23 @@ from prefixpo.engine.deepspeed import DeepSpeedEngine
 from prefixpo.engine.fsdp import FSDPEngine
 from prefixpo.engine.plain import Engine
 from prefixpo.guards import Divergence, StopSignals, TrainingError, written_whole
-from prefixpo.layout import Batch, Group
+from prefixpo.layout import Batch, Group, round_up
 from prefixpo.losses import get_loss
-from prefixpo.metrics import Window, memory, synchronize, truncate_metrics, write_metrics
+from prefixpo.metrics import (
+    Window,
+    forward_flops,
+    memory,
+    model_dims,
+    peak_flops,
+    synchronize,
+    truncate_metrics,
+    write_metrics,
+)
 from prefixpo.modeling import (
     ScoredLM,
     build_attention_masks,
+    compile_layers,
+    compiled_graphs,
     is_config_file,
     load_model,
     weights_dtype,
@@ -59,7 +72,7 @@ from prefixpo.packing import (
     PackingConfig,
     Step,
     batch_rows,
-    bucket_lengths,
+    data_buckets,
     packing_stats,
     plan_epoch,
 )
@@ -74,7 +87,7 @@ from prefixpo.reference import (
     reference_sync,
 )
 from prefixpo.rundir import DONE_MARKER, finished_record
-from prefixpo.samples import eval_samples
+from prefixpo.samples import eval_samples, sample_model_of
 from prefixpo.step import StepResult, activation_offload, preference_step, sft_step
 
 # --- loading ------------------------------------------------------------------------------------
@@ -155,20 +168,44 @@ def group_lengths(groups: list[Group], cfg: TrainConfig) -> list[int]:
     return [g.num_tokens if cfg.prefix_sharing else g.num_separate_tokens for g in groups]
 
 
-def epoch_plan(groups: list[Group], cfg: TrainConfig, epoch: int, world: int, rank: int,
+def epoch_plan(groups: list[Group], cfg: TrainConfig, epoch: int, world: int, rank: int, capacity: int | None,
                train: bool = True) -> list[Step]:
-    packing = PackingConfig(capacity=cfg.packing_capacity, num_buckets=cfg.packing_num_buckets) if cfg.packing else None
+    """This rank's steps of an epoch (``packing.plan_epoch``): TRL's batch of groups per step, packed
+    into rows of ``capacity`` tokens (None: unpacked)."""
+    packing = PackingConfig(capacity=capacity) if capacity else None
     per_micro = cfg.per_device_train_batch_size if train else cfg.per_device_eval_batch_size
     return plan_epoch(group_lengths(groups, cfg), seed=cfg.seed, epoch=epoch if train else 0, packing=packing,
-                      rows_per_micro_batch=per_micro,
+                      micro_batch_size=per_micro,
                       gradient_accumulation_steps=cfg.gradient_accumulation_steps if train else 1,
                       world_size=world, rank=rank)
 
 
-def make_batch(groups: list[Group], rows: list[list[int]], cfg: TrainConfig, device: torch.device) -> Batch:
-    """The batch of ``rows`` (group indices per row), on the host: packed rows padded to a bucket
-    length, unpacked ones to a multiple of 128 on CUDA (8 on CPU)."""
-    buckets = bucket_lengths(cfg.packing_capacity, cfg.packing_num_buckets) if cfg.packing else None
+def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Group],
+               world: int) -> tuple[int | None, list[int] | None]:
+    """``(capacity, row lengths)`` of packed rows, or ``(None, None)`` unpacked. ``packing_capacity:
+    auto`` is the micro-batch size times the longest group (so a row holds no more tokens than
+    TRL's micro-batch of the longest groups, padded); the row lengths are ``packing_num_buckets``
+    quantiles of the first epoch's rows (``packing.data_buckets``), the capacity the last of them."""
+    if not cfg.packing:
+        return None, None
+    longest = max(group_lengths(train_groups + eval_groups, cfg))
+    capacity = cfg.packing_capacity
+    if capacity == "auto":
+        capacity = round_up(max(cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size if eval_groups
+                                else 1) * longest, 128)
+    elif longest > capacity:
+        raise ConfigError(f"config key `packing_capacity`: a group of {longest} tokens does not fit in {capacity}; "
+                          "raise it or lower max_length")
+    lengths = group_lengths(train_groups, cfg)
+    used = [sum(lengths[i] for i in row) for r in range(world)
+            for step in epoch_plan(train_groups, cfg, 0, world, r, capacity) for mb in step for row in mb]
+    return capacity, data_buckets(used, capacity, cfg.packing_num_buckets)
+
+
+def make_batch(groups: list[Group], rows: list[list[int]], cfg: TrainConfig, device: torch.device,
+               buckets: list[int] | None) -> Batch:
+    """The batch of ``rows`` (group indices per row), on the host: packed rows padded to the
+    smallest of ``buckets`` that holds them, unpacked ones to a multiple of 128 on CUDA (8 on CPU)."""
     return batch_rows(groups, rows, prefix_sharing=cfg.prefix_sharing, buckets=buckets,
                       pad_to_multiple_of=128 if device.type == "cuda" else 8)
 
@@ -190,6 +227,9 @@ class Run:
     scheduler: Any
     steps_per_epoch: int
     total_steps: int
+    capacity: int | None = None  # packed rows: at most this many tokens (None: unpacked)
+    buckets: list[int] | None = None  # packed rows' lengths, each a compiled shape
+    compiled: bool = False
     loss_fn: Any = None
     train_ref: ReferenceFn | None = None
     eval_ref: ReferenceFn | None = None
@@ -202,6 +242,9 @@ class Run:
     window: Window = field(default_factory=Window)
     guard: Divergence = field(default_factory=Divergence)
     plans: dict[int, list[Step]] = field(default_factory=dict)
+    group_flops: list[float] = field(default_factory=list)  # model FLOPs of a step's work on each group
+    peak_flops: float | None = None  # of the device, for MFU
+    graphs: int | None = None  # graphs compiled when the first step began (recompiles counted from there)
 
     @property
     def out(self) -> Path:
@@ -224,7 +267,7 @@ class Run:
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch not in self.plans:
             self.plans = {epoch: epoch_plan(self.train_groups, self.cfg, epoch, self.accelerator.num_processes,
-                                            self.accelerator.process_index)}
+                                            self.accelerator.process_index, self.capacity)}
         return self.plans[epoch][index]
 
 
@@ -268,12 +311,6 @@ def resume_point(cfg: TrainConfig, accelerator: Any) -> Path | None:
     return checkpoint
 
 
-def check_packing(cfg: TrainConfig, groups: list[Group]) -> None:
-    if cfg.packing and max(group_lengths(groups, cfg)) > cfg.packing_capacity:
-        raise ConfigError(f"config key `packing_capacity`: a group of {max(group_lengths(groups, cfg))} tokens does "
-                          f"not fit in {cfg.packing_capacity}; raise it or lower max_length")
-
-
 def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> ScoredLM:
     """The policy: loaded (a checkpoint's full weights on resume, except LoRA's adapters, which
     load on top of the base model), adapted, placed and switched to prefix-shared attention."""
@@ -297,8 +334,15 @@ def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> Sc
     model = engine.apply_attention(engine.place(model))
     if engine.accelerator.is_main_process and cfg.stage == "preference" and (note := router_loss_note(model.config)):
         print(note, file=sys.stderr)
-    policy = ScoredLM(model)
-    return torch.compile(policy) if cfg.torch_compile else policy
+    if compiles(cfg, engine.device):
+        compile_layers(model)
+    return ScoredLM(model)
+
+
+def compiles(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the decoder layers are compiled: ``torch_compile: auto`` does it on CUDA with packing
+    (rows then come in a few lengths, each compiled before step 1)."""
+    return cfg.torch_compile is True or (cfg.torch_compile == "auto" and device.type == "cuda" and cfg.packing)
 
 
 def setup_optimizer(cfg: TrainConfig, engine: Engine, policy: torch.nn.Module,
@@ -321,19 +365,27 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     tokenizer = load_tokenizer(cfg)
     train_groups = load_data(cfg, tokenizer)
     eval_groups = load_data(cfg, tokenizer, evaluation=True) if cfg.eval_dataset else []
-    check_packing(cfg, train_groups)
+    capacity, buckets = row_layout(cfg, train_groups, eval_groups, accelerator.num_processes)
     policy = setup_model(cfg, engine, checkpoint)
-    steps_per_epoch = len(epoch_plan(train_groups, cfg, 0, accelerator.num_processes, accelerator.process_index))
+    steps_per_epoch = len(epoch_plan(train_groups, cfg, 0, accelerator.num_processes, accelerator.process_index,
+                                     capacity))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
     policy, optimizer, scheduler = setup_optimizer(cfg, engine, policy, total_steps)
     run = Run(cfg, accelerator, engine, tokenizer, train_groups, eval_groups, policy, optimizer, scheduler,
-              steps_per_epoch, total_steps)
+              steps_per_epoch, total_steps, capacity, buckets, compiles(cfg, engine.device))
     if cfg.stage == "preference":
         run.loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs())
     run.train_ref, run.eval_ref, run.ref_mode = build_reference(cfg, engine, train_groups, eval_groups)
     # a fresh run whose policy and reference start from the same weights: their log-probs must agree at step 1
     run.checks_start_agreement = (run.ref_mode != "none" and checkpoint is None
                                   and cfg.ref_model_name_or_path in (None, cfg.model_name_or_path))
+    reference_model = sample_model_of(run.train_ref)
+    if run.compiled and run.ref_mode == "model" and reference_model is not None:
+        compile_layers(reference_model.model)
+    run.peak_flops = peak_flops(engine.device)
+    dims = model_dims(engine.inner())
+    forwards = 3 + (run.ref_mode in ("model", "adapters_off"))  # policy forward and backward, reference forward
+    run.group_flops = [forwards * forward_flops(dims, g, cfg.prefix_sharing) for g in train_groups]
     if cfg.sync_ref_model and run.ref_mode != "none":
         run.sync = reference_sync(engine.inner(), run.train_ref, cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps,
                                   engine.zero3)
@@ -418,7 +470,7 @@ def evaluate(run: Run) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     count = 0.0
     for step in epoch_plan(run.eval_groups, cfg, 0, run.accelerator.num_processes, run.accelerator.process_index,
-                           train=False):
+                           run.capacity, train=False):
         result = forward_backward(run, step, run.eval_groups, run.eval_ref, train=False)
         for k, v in {"loss": result.loss_sum, **result.metric_sums}.items():
             sums[k] = sums.get(k, 0.0) + v.double()
@@ -460,6 +512,10 @@ def log_window(run: Run, grad_norm: float) -> dict[str, Any]:
               "target_tokens" if cfg.stage == "sft" else "pairs": window.count,
               f"{unit}_per_s": window.count / seconds, "tokens_per_s": sum(window.rank_tokens) / seconds,
               "step_time_s": seconds / window.steps, **window.balance(), **memory(run.device),
+              **({"mfu": window.flops / seconds / (run.peak_flops * run.accelerator.num_processes)}
+                 if run.peak_flops else {}),
+              **({"recompiles": compiled_graphs() - run.graphs} if run.graphs is not None else {}),
+              "elapsed_s": round(process_age(), 2),
               **{k: sums[i].item() / window.count for i, k in enumerate(keys)}}
     log(run, record)
     run.window = Window()
@@ -474,7 +530,7 @@ def forward_backward(run: Run, step: Step, groups: list[Group], reference: Refer
     Batches are laid out on the host and pairs found there (on the device it would wait for the GPU);
     each micro-batch's attention masks are built once, for the policy and the reference."""
     cfg, engine = run.cfg, run.engine
-    on_host = [make_batch(groups, rows, cfg, run.device) for rows in step]
+    on_host = [make_batch(groups, rows, cfg, run.device, run.buckets) for rows in step]
     micro_batches = [mb.to(run.device) for mb in on_host]
     backward, no_sync = (engine.backward, engine.no_sync) if train else (None, None)
     with activation_offload(cfg.activation_offloading and backward is not None, run.device):
@@ -516,6 +572,51 @@ def stop_for_signal(run: Run, received: int, bar: Any) -> None:
                         "with --resume_from_checkpoint latest", exit_code=128 + received)
 
 
+def warm_up(run: Run) -> None:
+    """Compile every shape before step 1, so no step after it waits for a compile: one step's
+    forward and backward (and the evaluation's forward) on a row of each packed row length, the
+    gradients then dropped and the RNG state put back. DeepSpeed's engine cannot drop gradients
+    between steps: under it the first steps compile."""
+    if not (run.compiled and run.buckets) or run.engine.name == "deepspeed":
+        return
+    started, state = time.perf_counter(), rng_state()
+    for k, length in enumerate(run.buckets):
+        if run.main:
+            print(f"compiling: row length {length} ({k + 1}/{len(run.buckets)}), "
+                  f"{time.perf_counter() - started:.0f}s so far", file=sys.stderr)
+        dummy = [filler_group(length, run.cfg)]
+        forward_backward(run, [[[0]]], dummy, run.train_ref)
+        if run.eval_groups:
+            with torch.no_grad():
+                forward_backward(run, [[[0]]], dummy, run.eval_ref, train=False)
+        run.engine.zero_grad()
+    synchronize(run.device)
+    set_rng_state(state)
+    if run.main:
+        print(f"compiled {len(run.buckets)} row lengths in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+
+
+def filler_group(length: int, cfg: TrainConfig) -> Group:
+    """A group of ``length`` tokens as laid out (one response for SFT, a pair otherwise)."""
+    responses = 1 if cfg.stage == "sft" else 2
+    prompt = length - responses if cfg.prefix_sharing else length // responses - 1
+    return Group([0] * max(prompt, 1), [[0] for _ in range(responses)])
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux's /proc; elsewhere since prefixpo.trainer loaded)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return time.time() - boot - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time() - LOADED
+
+
+LOADED = time.time()
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 def train_loop(run: Run) -> None:
@@ -538,15 +639,18 @@ def train_loop(run: Run) -> None:
                 synchronize(run.device)
                 compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
                 tokens = sum(lengths[i] for mb in step_rows for row in mb for i in row)
-                # one gather: every rank's loss share, real tokens, compute time and a stop signal received
-                ranks = run.accelerator.gather(torch.tensor([[result.loss, tokens, compute_s, signals.received or 0]],
+                flops = sum(run.group_flops[i] for mb in step_rows for row in mb for i in row)
+                # one gather: every rank's loss share, real tokens, compute time, FLOPs and a stop signal received
+                ranks = run.accelerator.gather(torch.tensor([[result.loss, tokens, compute_s, flops,
+                                                              signals.received or 0]],
                                                             dtype=torch.float64, device=run.device)).cpu()
                 loss = ranks[:, 0].sum().item()
                 grad_norm = optimizer_step(run, loss, result)
                 run.step += 1
                 if run.sync is not None:  # TR-DPO: every ref_model_sync_steps steps, the policy mixed in
                     run.sync(run.step)
-                run.window.add(loss, result.count, ranks[:, 1].tolist(), ranks[:, 2].tolist(), result.metrics)
+                run.window.add(loss, result.count, ranks[:, 1].tolist(), ranks[:, 2].tolist(), result.metrics,
+                               ranks[:, 3].sum().item())
                 bar.update(1)
                 if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
                     record = log_window(run, grad_norm)
@@ -556,7 +660,7 @@ def train_loop(run: Run) -> None:
                     run_eval(run, run.step)
                 if cfg.save_steps and run.step % cfg.save_steps == 0:
                     save(run, run.step)
-                if received := int(ranks[:, 3].max().item()):  # any rank's signal stops every rank at this step
+                if received := int(ranks[:, 4].max().item()):  # any rank's signal stops every rank at this step
                     stop_for_signal(run, received, bar)
         except KeyboardInterrupt:  # a second signal: now, without a checkpoint
             bar.close()
@@ -594,9 +698,11 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
     restore(run, checkpoint)
     if cfg.reports:
         run.accelerator.init_trackers(run.out.name, config={k: str(v) for k, v in vars(cfg).items()})
-    if run.main and cfg.packing:
-        rows = [r for s in epoch_plan(run.train_groups, cfg, 0, 1, 0) for m in s for r in m]
-        stats = packing_stats(run.train_groups, rows, PackingConfig(capacity=cfg.packing_capacity))
-        print(f"packing: {stats.as_dict()}", file=sys.stderr)
+    if run.main and run.capacity:
+        rows = [r for s in epoch_plan(run.train_groups, cfg, 0, 1, 0, run.capacity) for m in s for r in m]
+        stats = packing_stats(run.train_groups, rows, PackingConfig(capacity=run.capacity), run.buckets)
+        print(f"packing: {stats.as_dict()}, row lengths {run.buckets}", file=sys.stderr)
+    warm_up(run)
+    run.graphs = compiled_graphs() if run.compiled else None
     train_loop(run)
     return finish(run)
