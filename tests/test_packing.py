@@ -96,7 +96,7 @@ def test_epoch_plan_trains_every_group_once_with_equal_steps_per_rank(packed, wo
 
     lengths = random_lengths(157, 1, high=400)
     config = PackingConfig(capacity=1024, window=40) if packed else None
-    plans = [plan_epoch(lengths, seed=5, epoch=2, packing=config, rows_per_micro_batch=micro,
+    plans = [plan_epoch(lengths, seed=5, epoch=2, packing=config, micro_batch_size=micro,
                         gradient_accumulation_steps=accum, world_size=world_size, rank=r)
              for r in range(world_size)]
     assert len({len(p) for p in plans}) == 1  # no rank waits at the end of the epoch
@@ -122,7 +122,7 @@ def test_a_step_trains_the_same_groups_however_its_global_batch_is_split(packed)
     config = PackingConfig(capacity=1024, window=40) if packed else None
 
     def groups_per_step(world_size, micro, accum):
-        plans = [plan_epoch(lengths, seed=1, epoch=0, packing=config, rows_per_micro_batch=micro,
+        plans = [plan_epoch(lengths, seed=1, epoch=0, packing=config, micro_batch_size=micro,
                             gradient_accumulation_steps=accum, world_size=world_size, rank=r)
                  for r in range(world_size)]
         return [sorted(i for p in plans for mb in p[s] for row in mb for i in row) for s in range(len(plans[0]))]

@@ -47,8 +47,15 @@ def rank_balance(tokens: Sequence[float], seconds: Sequence[float]) -> dict[str,
 PEAKS_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12}  # dense bf16 tensor-core peak (NVIDIA datasheets)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The dense bf16 peak of a known GPU, for MFU; None elsewhere."""
+def peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
+    """FLOP/s that MFU is measured against: ``peak_tflops`` if given, else the dense bf16 peak of a
+    known GPU (``PEAKS_BF16``), else none.
+
+    >>> peak_flops(torch.device("cpu"), 100.0), peak_flops(torch.device("cpu"))
+    (100000000000000.0, None)
+    """
+    if peak_tflops:
+        return peak_tflops * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -68,6 +75,11 @@ def model_dims(model: nn.Module) -> dict[str, int]:
 
 
 def causal_pairs(n: int) -> int:
+    """Allowed (q, k) pairs of a causal sequence of ``n`` tokens: ``n (n + 1) / 2``.
+
+    >>> causal_pairs(4)
+    10
+    """
     return n * (n + 1) // 2
 
 

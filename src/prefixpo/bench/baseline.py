@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixpo.bench.layouts import MicroBatch, separate_attention_pairs
+from prefixpo.bench.layouts import MicroBatch
 from prefixpo.layout import Group
+from prefixpo.metrics import attention_pairs
 
 
 @dataclass
@@ -60,7 +61,7 @@ def separate_micro_batch(groups: Sequence[Group], pad_token_id: int = 0) -> Micr
                           torch.tensor([len(p) + len(r) for p, r in rows]))
     resp = torch.tensor([len(r) for _, r in rows])
     return MicroBatch(batch, torch.arange(k), torch.arange(k, 2 * k), resp[:k], resp[k:],
-                      int(attention.sum()), ids.numel(), sum(map(separate_attention_pairs, groups)),
+                      int(attention.sum()), ids.numel(), sum(attention_pairs(g, shared=False) for g in groups),
                       int(resp.sum()))
 
 

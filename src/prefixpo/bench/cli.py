@@ -29,12 +29,12 @@ from torch import nn
 from torch._dynamo import config as dynamo_config
 
 from prefixpo.bench.attention import run_attention
-from prefixpo.bench.flops import model_dims, peak_flops
 from prefixpo.bench.harness import BenchSettings, run_mode
 from prefixpo.bench.layouts import MODES, default_pairs_per_step, fit_both_layouts
 from prefixpo.bench.models import build_models, model_config
 from prefixpo.bench.profiles import load_profiles, sample_groups
 from prefixpo.layout import Group
+from prefixpo.metrics import model_dims, peak_flops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from prefixpo.layout import Batch, Group
+from prefixpo.metrics import attention_pairs
 from prefixpo.packing import batch_rows, bucket_lengths, fit_group, pack
 from prefixpo.pairs import BatchPairs
 
@@ -68,36 +69,6 @@ class MicroBatch:
 
 # --- what a layout costs -----------------------------------------------------------------------
 
-def causal_pairs(n: int) -> int:
-    """Allowed (q, k) pairs of a causal sequence of ``n`` tokens: ``n (n + 1) / 2``.
-
-    >>> causal_pairs(4)
-    10
-    """
-    return n * (n + 1) // 2
-
-
-def shared_attention_pairs(group: Group) -> int:
-    """Allowed (q, k) pairs of a group's shared layout: the prompt causally, and every response
-    to the prompt and causally to itself (``p p | a a | b`` -> 3 + 2*2 + 3 + 1*2 + 1 = 13).
-
-    >>> shared_attention_pairs(Group([1, 2], [[3, 4], [5]]))
-    13
-    """
-    p = len(group.prompt_ids)
-    return causal_pairs(p) + sum(len(r) * p + causal_pairs(len(r)) for r in group.response_ids)
-
-
-def separate_attention_pairs(group: Group) -> int:
-    """Allowed (q, k) pairs when every prompt+response is its own causal sequence.
-
-    >>> separate_attention_pairs(Group([1, 2], [[3, 4], [5]]))
-    16
-    """
-    p = len(group.prompt_ids)
-    return sum(causal_pairs(p + len(r)) for r in group.response_ids)
-
-
 def shared_row_buckets(longest: int) -> list[int]:
     """Row lengths of the unpacked shared mode: multiples of 128, at most 25% apart above 512,
     so rows waste little padding and compiled kernels see few shapes.
@@ -124,7 +95,7 @@ def pair_micro_batch(batch: Batch, groups: Sequence[Group], separate: bool) -> M
     return MicroBatch(batch, torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long),
                       lengths[chosen], lengths[rejected], int((batch.document_ids >= 0).sum()),
                       batch.input_ids.numel(),
-                      sum(map(separate_attention_pairs if separate else shared_attention_pairs, groups)),
+                      sum(attention_pairs(g, shared=not separate) for g in groups),
                       int(batch.scored_targets.numel()))
 
 
