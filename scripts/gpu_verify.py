@@ -74,7 +74,10 @@ def main() -> None:
     parser.add_argument("--out", default="verification.json")
     parser.add_argument("--profiles", default=None,
                         help="a profiles JSON file with the model shapes (default: the packaged prefixpo/bench/profiles.json)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated subset, e.g. tiny-llama,llama-1b (default: every tiny model and llama-1b)")
     args = parser.parse_args()
+    wanted = set(args.models.split(",")) if args.models else None
     torch._dynamo.config.cache_size_limit = 64
     env = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "transformers": transformers.__version__,
@@ -82,6 +85,8 @@ def main() -> None:
     print(json.dumps(env))
     rows = []
     for arch in ARCHITECTURES:
+        if wanted is not None and f"tiny-{arch}" not in wanted:
+            continue
         for dtype in ("float32", "bfloat16"):
             t0 = time.time()
             model = load_model(str(ROOT / f"examples/configs/tiny-{arch}.json"), dtype=dtype, device="cuda", seed=0, attn_implementation="eager")
@@ -96,7 +101,7 @@ def main() -> None:
     cfg["model_type"] = "llama"
     path = Path("/tmp/llama-1b.json")
     path.write_text(json.dumps(cfg))
-    for dtype in ("bfloat16", "float32"):
+    for dtype in ("bfloat16", "float32") if wanted is None or "llama-1b" in wanted else ():
         t0 = time.time()
         model = load_model(str(path), dtype=dtype, device="cuda", seed=0)
         groups = llama_1b_groups(cfg["vocab_size"])

@@ -38,7 +38,7 @@ def write_config(tmp_path: Path, **overrides) -> Path:
 
 
 def timeless(path: Path) -> list[dict]:
-    drop = {"pairs_per_s", "tokens_per_s", "step_time_s", "slowest_rank_idle"}
+    drop = {"pairs_per_s", "tokens_per_s", "step_time_s", "slowest_rank_idle", "elapsed_s"}
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 
@@ -371,7 +371,7 @@ def test_fsdp2_on_two_processes_matches_one_and_resumes_from_sharded_state(one_p
     resumed = records(tmp_path / "resumed")
     assert [(r["split"], r["step"]) for r in resumed] == [("train", 3), ("train", 4), ("eval", 4)]
     later = [r for r in whole if r["step"] > 2]
-    drop = {"pairs_per_s", "tokens_per_s", "step_time_s", "slowest_rank_idle"}
+    drop = {"pairs_per_s", "tokens_per_s", "step_time_s", "slowest_rank_idle", "elapsed_s"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in drop} for r in later]
     assert_close_weights(run / "final", tmp_path / "resumed" / "final")
@@ -510,3 +510,21 @@ def test_bin_weights_load_without_running_code(tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
     for name, tensor in model.state_dict().items():  # lr 1e-12: the loaded weights, not random ones
         assert torch.allclose(trained[name], tensor, atol=1e-6), name
+
+
+def test_packing_lays_out_the_same_batch_so_the_run_is_the_same(tmp_path):
+    """A step trains TRL's batch (per_device_train_batch_size x gradient_accumulation_steps groups)
+    whether or not its groups are packed into rows: packed and unpacked runs log the same losses,
+    pairs and rewards at every step and end with the same weights (fp32, up to summation order)."""
+    runs = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        out.mkdir()
+        assert main(["train", "--config", str(write_config(out, max_steps=10, save_steps=0, packing=packing))]) == 0
+        runs[packing] = out / "run"
+    unpacked, packed = records(runs[False]), records(runs[True])
+    assert [r["pairs"] for r in packed] == [r["pairs"] for r in unpacked] == [8] * 10
+    for a, b in zip(unpacked, packed):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert_close_weights(runs[False] / "final", runs[True] / "final")
