@@ -24,7 +24,7 @@ from prefixpo.cli import main
 pytest.importorskip("deepspeed")
 
 HARNESS = Path(__file__).with_name("deepspeed_cpu.py")
-TIMING = {"pairs_per_s", "tokens_per_s", "step_time_s", "slowest_rank_idle"}
+TIMING = {"pairs_per_s", "tokens_per_s", "step_time_s", "slowest_rank_idle", "elapsed_s"}
 
 
 def launch_zero3(*args: str) -> None:

@@ -573,22 +573,28 @@ def stop_for_signal(run: Run, received: int, bar: Any) -> None:
 
 
 def warm_up(run: Run) -> None:
-    """Compile every shape before step 1, so no step after it waits for a compile: one step's
-    forward and backward (and the evaluation's forward) on a row of each packed row length, the
-    gradients then dropped and the RNG state put back. DeepSpeed's engine cannot drop gradients
-    between steps: under it the first steps compile."""
+    """Compile every shape before step 1, so no step after it waits for a compile: one training
+    step's forward and backward (and the evaluation's forward) on a row of each packed row length,
+    in training mode, the gradients then dropped and the RNG state put back. The rows' scored
+    tokens differ from length to length (and twice at the first), so the output layer's kernels
+    are compiled for any count. DeepSpeed's engine cannot drop gradients between steps: under it
+    the first steps compile."""
     if not (run.compiled and run.buckets) or run.engine.name == "deepspeed":
         return
     started, state = time.perf_counter(), rng_state()
-    for k, length in enumerate(run.buckets):
+    run.policy.train()  # the layers' graphs depend on the training flag
+    rows = [(length, 4) for length in run.buckets] + [(run.buckets[0], 8)]
+    for k, (length, share) in enumerate(rows):
         if run.main:
-            print(f"compiling: row length {length} ({k + 1}/{len(run.buckets)}), "
+            print(f"compiling: row length {length} ({k + 1}/{len(rows)}), "
                   f"{time.perf_counter() - started:.0f}s so far", file=sys.stderr)
-        dummy = [filler_group(length, run.cfg)]
+        dummy = [filler_group(length, run.cfg, share)]
         forward_backward(run, [[[0]]], dummy, run.train_ref)
         if run.eval_groups:
+            run.policy.eval()
             with torch.no_grad():
                 forward_backward(run, [[[0]]], dummy, run.eval_ref, train=False)
+            run.policy.train()
         run.engine.zero_grad()
     synchronize(run.device)
     set_rng_state(state)
@@ -596,11 +602,19 @@ def warm_up(run: Run) -> None:
         print(f"compiled {len(run.buckets)} row lengths in {time.perf_counter() - started:.0f}s", file=sys.stderr)
 
 
-def filler_group(length: int, cfg: TrainConfig) -> Group:
-    """A group of ``length`` tokens as laid out (one response for SFT, a pair otherwise)."""
+def filler_group(length: int, cfg: TrainConfig, share: int = 4) -> Group:
+    """A group of ``length`` tokens as laid out (one response for SFT, a pair otherwise), each
+    response ``length / share`` tokens long.
+
+    >>> from types import SimpleNamespace as C
+    >>> g = filler_group(1024, C(stage="preference", prefix_sharing=True))
+    >>> g.num_tokens, [len(r) for r in g.response_ids]
+    (1024, [256, 256])
+    """
     responses = 1 if cfg.stage == "sft" else 2
-    prompt = length - responses if cfg.prefix_sharing else length // responses - 1
-    return Group([0] * max(prompt, 1), [[0] for _ in range(responses)])
+    response = max(length // share, 1)
+    prompt = length - responses * response if cfg.prefix_sharing else length // responses - response
+    return Group([0] * max(prompt, 1), [[0] * response for _ in range(responses)])
 
 
 def process_age() -> float:
@@ -627,6 +641,7 @@ def train_loop(run: Run) -> None:
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not run.main or cfg.disable_progress_bar,
                desc=cfg.stage, unit="step", dynamic_ncols=True)
     run.policy.train()
+    run.window = Window()  # throughput from here: setup and compilation left out
     with StopSignals() as signals:
         try:
             if run.eval_groups and run.step == 0:
