@@ -43,6 +43,8 @@ NOT_RUN_HERE = [
     (r"^accelerate launch .*--num_processes 8",
      "8 GPUs; the same launch on 2 CPU ranks: tests/test_train.py (FSDP2, DDP), tests/test_deepspeed.py"),
     (r"^PREFIXPO_DATA_BENCH=1 ", "the opt-in 100k-row timing of docs/data.md"),
+    (r"^python scripts/head_to_head\.py ", "a GPU and TRL; the same script on CPU with a tiny model: "
+     "tests/test_head_to_head.py"),
 ]
 
 # placeholders and hub names -> local stand-ins (applied in order)

@@ -520,7 +520,7 @@ def test_packing_lays_out_the_same_batch_so_the_run_is_the_same(tmp_path):
     for packing in (False, True):
         out = tmp_path / f"packing-{packing}"
         out.mkdir()
-        assert main(["train", "--config", str(write_config(out, max_steps=10, save_steps=0, packing=packing))]) == 0
+        assert main(["train", "--config", str(write_config(out, max_steps=10, save_steps=None, packing=packing))]) == 0
         runs[packing] = out / "run"
     unpacked, packed = records(runs[False]), records(runs[True])
     assert [r["pairs"] for r in packed] == [r["pairs"] for r in unpacked] == [8] * 10

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefixpo.modeling import ATTENTION_FUNCTIONS, set_attention_function, unwrap
+
 COLUMNS = ("step", "prompt", "policy", "reference")
 
 
@@ -75,8 +77,6 @@ def _fsdp_root(model: nn.Module) -> nn.Module | None:
 def standard_attention(model: nn.Module) -> Iterator[nn.Module]:
     """The transformers model inside ``model``, with sdpa attention and in eval mode for the
     duration; FSDP2 root parameters gathered. Prefix-sharing attention and the mode come back after."""
-    from prefixpo.modeling import ATTENTION_FUNCTIONS, set_attention_function, unwrap
-
     inner = unwrap(model)
     backend = getattr(inner, "_prefixpo_backend", None)
     was_training = inner.training

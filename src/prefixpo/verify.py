@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixpo.layout import Group, round_up
-from prefixpo.modeling import compute_logps
+from prefixpo.modeling import DTYPES, UnsupportedModelError, apply_prefix_attention, compute_logps, load_model
 from prefixpo.oracle import TOLERANCES, random_groups, separate_logps
 from prefixpo.packing import batch_rows, pack
+from prefixpo.sources import SourceError, check_model
 
 
 def shared_logps(model: nn.Module, groups: Sequence[Group], chunk_size: int = 64,
@@ -90,8 +91,6 @@ def compare(model: nn.Module, groups: Sequence[Group], backend: str, with_grads:
             chunk_size: int = 64, check_architecture: bool = True,
             packing_capacity: int | None = None) -> Comparison:
     """Run both paths on ``model`` (stock attention in, prefix attention out) and compare."""
-    from prefixpo.modeling import apply_prefix_attention
-
     model.eval()  # no dropout: both paths must see the same function
     sep, sep_grads = _run(model, groups, separate_logps, with_grads, per_group=True)
     apply_prefix_attention(model, backend, self_check=check_architecture)
@@ -149,7 +148,6 @@ def _bad_arguments(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixpo.modeling import DTYPES, UnsupportedModelError, load_model
 
     if args.num_responses < 1 or args.num_groups < 1:
         return _bad_arguments("--num-responses and --num-groups must be at least 1")
@@ -162,8 +160,6 @@ def run(args: argparse.Namespace) -> int:
     if backend == "flex" and args.device == "cpu" and with_grads:
         print("note: FlexAttention has no backward pass on CPU; comparing log-probs only", file=sys.stderr)
         with_grads = False
-    from prefixpo.sources import SourceError, check_model
-
     try:
         check_model(args.model, "--model", config_file=True)
     except SourceError as err:

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from prefixpo.checkpoint import SHARDED_DIR, load_sharded_state, save_sharded_state
 from prefixpo.config import ConfigError
@@ -65,8 +68,6 @@ def keep_fp32_outputs(plugin: Any) -> None:
     policy = getattr(plugin, "mixed_precision_policy", None)
     if policy is None or getattr(plugin, "fsdp_version", 1) != 2:
         return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     plugin.mixed_precision_policy = MixedPrecisionPolicy(
         param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=None,
         cast_forward_inputs=policy.cast_forward_inputs)
@@ -100,10 +101,6 @@ def shard_frozen(model: nn.Module, device: torch.device) -> ScoredLM:
     hooks gather the weights outside the layers (embeddings, final norm, output layer).
     Returns the sharded ``ScoredLM``; ``compute_logps`` takes it like a model.
     """
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     scored = ScoredLM(model.requires_grad_(False).eval())
     names = set(layer_classes(model))
