@@ -3,6 +3,8 @@
 import copy
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -528,3 +530,38 @@ def test_packing_lays_out_the_same_batch_so_the_run_is_the_same(tmp_path):
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
     assert_close_weights(runs[False] / "final", runs[True] / "final")
+
+
+def varied_pairs(path: Path, rows: int = 48, seed: int = 0) -> Path:
+    """Pairs of the quickstart's words with prompts of 2 to 120 words, so packed rows of a few
+    groups fall into several row lengths."""
+    rng = random.Random(seed)
+    words = "gray cup gold owl hat bee key hen lamp goat".split()
+    with path.open("w") as f:
+        for _ in range(rows):
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 120)))
+            f.write(json.dumps({"prompt": prompt, "chosen": "the word is owl .", "rejected": "the word is hat ."}) + "\n")
+    return path
+
+
+def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys):
+    """With compiled layers every packed row length is compiled before step 1 (training step and
+    evaluation alike): no graph is compiled after it (``recompiles`` 0 in every train record),
+    while the rows of the run do come in several lengths. The model comes from a directory, as
+    pretrained models do (transformers loads it in evaluation mode)."""
+    from prefixpo.modeling import load_model
+
+    model_dir = tmp_path / "model"
+    load_model(str(QUICK / "model" / "config.json"), seed=0).save_pretrained(model_dir)
+    data = varied_pairs(tmp_path / "pairs.jsonl")
+    config = write_config(tmp_path, model_name_or_path=str(model_dir), dataset=str(data), max_length=256,
+                          max_samples=None, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                          max_steps=12, save_steps=None, torch_compile=True, packing_num_buckets=3,
+                          eval_dataset=str(data), eval_steps=6)
+    assert main(["train", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    lengths = json.loads(re.search(r"row lengths (\[[0-9, ]+\])", err).group(1))
+    train = [r for r in records(tmp_path / "run") if r["split"] == "train"]
+    assert len(train) == 12 and [r["recompiles"] for r in train] == [0] * 12
+    assert len({-(-r["rank_tokens"][0] // 128) for r in train}) >= 2  # rows of several lengths
+    assert len(lengths) >= 2 and err.count("compiling: row length") == len(lengths) + 1
