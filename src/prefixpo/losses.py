@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefixpo.pairs import listwise_dpo_loss
+
 Metrics = dict[str, Tensor]
 LossFn = Callable[..., tuple[Tensor, Metrics]]
 
@@ -402,8 +404,6 @@ def listwise(policy_logps: Tensor, reference_logps: Tensor, rankings: Sequence[T
     their flat indices best-first (``pair_strategy: ranking`` gives them); one loss per group. For
     two responses it equals ``sigmoid``. See ``prefixpo.pairs.listwise_dpo_loss``.
     """
-    from prefixpo.pairs import listwise_dpo_loss
-
     return listwise_dpo_loss(policy_logps, reference_logps, rankings, beta)
 
 

@@ -1,41 +1,49 @@
-"""Training configuration: typed dataclasses, validated, loaded from YAML with command-line overrides.
+"""``TrainConfig``: every training config key, its default and its checks.
 
 Option names follow transformers' TrainingArguments and TRL's DPOConfig where one exists, so a
-TRL config needs few changes (docs/training.md has the mapping). A YAML file holds the keys of
-``TrainConfig`` at the top level, and optionally ``stages``: a list of per-stage overrides run in
-order, each stage starting from the previous stage's final weights::
-
-    model_name_or_path: examples/quickstart/model/config.json
-    output_dir: runs/quickstart
-    stages:
-      - {stage: sft, dataset: data/sft.jsonl, learning_rate: 1.0e-3}
-      - {stage: preference, dataset: data/pref.jsonl, beta: 0.1}
-
-Command-line overrides: ``--key value`` (all stages) or ``--STAGE.key value`` (one stage, by its
-``stage`` name), values parsed as YAML (``--bf16 true``, ``--loss_type [sigmoid,sft]``).
+TRL config needs few changes (docs/training.md has the mapping). ``prefixpo.config`` reads YAML
+files and command-line overrides into validated ``TrainConfig`` stages; ``prefixpo.trl_config``
+maps a ``trl dpo`` YAML onto these keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from prefixpo.errors import ConfigError
+from prefixpo.losses import F_DIVERGENCES, LOSSES, get_loss, loss_requires_reference
+from prefixpo.pairs import PairConfig
 
 STAGES = ("sft", "preference")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REFERENCE_MODES = ("auto", "model", "precomputed", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
+POSITIVE_INTEGERS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "logps_chunk_size", "max_length", "save_total_limit", "dataset_num_proc",
+                     "ref_model_sync_steps")
+# optimizer and loss values: key -> (low, high, what the message says); low <= value < high
+RANGES = {"adam_beta1": (0, 1, "in [0, 1)"), "adam_beta2": (0, 1, "in [0, 1)"),
+          "adam_epsilon": (0, math.inf, ">= 0"), "weight_decay": (0, math.inf, ">= 0"),
+          "max_grad_norm": (0, math.inf, ">= 0 (0 or null: no clipping)"),
+          "label_smoothing": (0, 0.5, "in [0, 0.5)"), "lora_dropout": (0, 1, "in [0, 1)"),
+          "pair_min_gap": (0, math.inf, ">= 0"), "loss_spike_factor": (0, math.inf, ">= 0 (0: off)")}
+BOOLEANS = ("reference_free", "use_weighting", "disable_dropout", "sync_ref_model", "activation_offloading")
 
 
-class ConfigError(ValueError):
-    """A bad configuration; the message names the key and what to do."""
+def _bad(key: str, message: str) -> ConfigError:
+    return ConfigError(f"config key `{key}`: {message}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _loss_names(loss_type: str | list[str]) -> list[str]:
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
 
 
 @dataclass
@@ -78,7 +86,8 @@ class TrainConfig:
     # (FSDP2 always does this); false holds them in bf16
     fp32_master_weights: bool = False
     gradient_checkpointing: bool = False
-    torch_compile: bool = False
+    # auto: every decoder layer compiled, one static graph per packed row length, on CUDA with packing
+    torch_compile: bool | str = "auto"
     activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss
     beta: float = 0.1
@@ -108,9 +117,9 @@ class TrainConfig:
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (needs bitsandbytes, CUDA and use_peft)
     # prefixpo
     prefix_sharing: bool = True
-    packing: bool = False
-    packing_capacity: int = 8192
-    packing_num_buckets: int = 4  # row lengths: capacity * k / n, k = 1..n (each a compiled shape)
+    packing: bool = True
+    packing_capacity: int | str = "auto"  # auto: micro-batch size x the longest group, in multiples of 128
+    packing_num_buckets: int = 4  # packed row lengths, from the data (each a compiled shape)
     attention_backend: str = "auto"
     logps_chunk_size: int = 1024
     # output, logging, evaluation
@@ -128,15 +137,168 @@ class TrainConfig:
     disable_progress_bar: bool = False
     torch_num_threads: int | None = None  # CPU threads for torch (None: torch's default)
 
-    def _validate_sync(self) -> None:
+    def validate(self) -> TrainConfig:
+        """Check every key, the cheap checks first, so a bad value stops the run before anything loads;
+        the first problem raises ``ConfigError`` naming the key. Normalises ``resume_from_checkpoint``
+        (true/false) and ``max_grad_norm`` (null is 0). Returns ``self``."""
+        self._check_required()
+        self._check_choices()
+        self._check_counts()
+        self._check_resume()
+        self._check_optimisation()
+        self._check_packing()
+        self._check_installed()
+        self._check_data()
+        self._check_loss_options()
+        self._check_loss()
+        self._check_sync()
+        return self
+
+    def _check_required(self) -> None:
+        if not self.model_name_or_path:
+            raise _bad("model_name_or_path", "is required (a hub name, a local directory with weights, or a model "
+                       "config file (config.json) for random weights)")
+        if self.dataset in ("", None, []):
+            raise _bad("dataset", "is required (a local json/jsonl/parquet/csv file, a saved dataset "
+                       "directory, or a hub dataset name; or a list of them)")
+
+    def _check_choices(self) -> None:
+        choices = {"stage": STAGES, "lr_scheduler_type": SCHEDULERS, "reference_mode": REFERENCE_MODES,
+                   "attention_backend": ("auto", "sdpa", "flex"), "on_bad_row": ("error", "skip")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise _bad(key, f"got {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+
+    def _check_counts(self) -> None:
+        """Batch sizes, lengths, step intervals: positive integers (eval and save steps may be null)."""
+        for key in POSITIVE_INTEGERS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _bad(key, f"must be a positive integer, got {value!r}")
+        for key in ("eval_steps", "save_steps"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise _bad(key, f"must be a positive integer or null, got {value!r}")
+
+    def _check_resume(self) -> None:
+        if isinstance(self.resume_from_checkpoint, bool):  # transformers' meaning: true is the newest checkpoint
+            self.resume_from_checkpoint = "latest" if self.resume_from_checkpoint else None
+        if self.resume_from_checkpoint is not None and not isinstance(self.resume_from_checkpoint, str):
+            raise _bad("resume_from_checkpoint", f"got {self.resume_from_checkpoint!r}; give latest, auto or the "
+                       "path of a checkpoint directory")
+
+    def _check_optimisation(self) -> None:
+        """Learning rate, optimizer and loss values (``RANGES``), seed, schedule length and warmup."""
+        if not (_is_number(self.learning_rate) and 0 < self.learning_rate < math.inf):
+            raise _bad("learning_rate", f"must be a number > 0, got {self.learning_rate!r}")
+        if self.max_grad_norm is None:
+            self.max_grad_norm = 0.0
+        for key, (low, high, text) in RANGES.items():
+            value = getattr(self, key)
+            if not (_is_number(value) and low <= value < high):
+                raise _bad(key, f"must be a number {text}, got {value!r}")
+        for key in ("warmup_steps", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or (key == "warmup_steps" and value < 0):
+                raise _bad(key, f"must be {'a non-negative ' if key == 'warmup_steps' else 'an '}integer, got "
+                           f"{value!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int):
+            raise _bad("max_steps", f"must be an integer (-1: from num_train_epochs), got {self.max_steps!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise _bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise _bad("num_train_epochs", "must be > 0 unless max_steps is set")
+
+    def _check_packing(self) -> None:
+        """Packed rows and their compilation: buckets, capacity, torch_compile."""
+        if self.packing_num_buckets < 1:
+            raise _bad("packing_num_buckets", f"must be at least 1, got {self.packing_num_buckets}")
+        if self.packing_capacity != "auto" and (isinstance(self.packing_capacity, bool)
+                                                or not isinstance(self.packing_capacity, int)
+                                                or self.packing_capacity < 128 or self.packing_capacity % 128):
+            raise _bad("packing_capacity", f"must be auto or a positive multiple of 128, got {self.packing_capacity!r}")
+        if self.torch_compile not in (True, False, "auto"):
+            raise _bad("torch_compile", f"must be true, false or auto, got {self.torch_compile!r}")
+        if self.packing and self.packing_capacity != "auto" and self.packing_capacity < self.max_length:
+            raise _bad("packing_capacity", f"({self.packing_capacity}) must be at least max_length "
+                       f"({self.max_length}), so every group fits in a row")
+
+    def _check_installed(self) -> None:
+        """Keys that need an optional package: the trackers of report_to, bitsandbytes for load_in_4bit."""
+        for r in [self.report_to] if isinstance(self.report_to, str) else list(self.report_to):
+            if r not in REPORT_TO:
+                raise _bad("report_to", f"got {r!r}; choose from {', '.join(REPORT_TO)}")
+            if r != "none" and importlib.util.find_spec(r) is None:
+                raise _bad("report_to", f"{r} is not installed (pip install {r})")
+        if self.load_in_4bit:
+            if not self.use_peft:
+                raise _bad("load_in_4bit", "4-bit base weights train only adapters: set use_peft: true")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise _bad("load_in_4bit", "needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU")
+
+    def _check_data(self) -> None:
+        """The ``data`` keys and every train and eval dataset entry, as ``DataConfig`` takes them."""
+        # in the function: prefixpo.data imports datasets (about a second), which the checks above skip
+        from prefixpo.data.config import DataConfig
+        from prefixpo.data.errors import DataError, UnknownDataKey
+
+        try:
+            DataConfig.from_dict({**self.data_defaults(), "dataset": "-"})
+        except UnknownDataKey as err:
+            raise ConfigError(f"data config `data`: {err}") from None
+        except DataError as err:
+            raise ConfigError(f"data config keys: {err}") from None
+        try:
+            self.data_sources()
+            if self.eval_dataset is not None:
+                self.data_sources(evaluation=True)
+        except DataError as err:  # a MixtureError, naming the key path
+            raise ConfigError(str(err)) from None
+
+    def _check_loss_options(self) -> None:
+        """The switches and the LD-DPO and f-DPO values of the preference loss."""
+        for key in BOOLEANS:
+            if not isinstance(getattr(self, key), bool):
+                raise _bad(key, f"must be true or false, got {getattr(self, key)!r}")
+        if self.ld_alpha is not None and not (_is_number(self.ld_alpha) and 0 <= self.ld_alpha <= 1):
+            raise _bad("ld_alpha", f"must be a number in [0, 1] or null, got {self.ld_alpha!r}")
+        if self.ld_alpha is not None and self.reference_mode == "precomputed":
+            raise _bad("ld_alpha", "needs the reference's per-token log-probs, which a precomputed reference does "
+                       "not keep: use reference_mode: model (or auto)")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise _bad("f_divergence_type", f"got {self.f_divergence_type!r}; choose one of {', '.join(F_DIVERGENCES)}")
+        if not (_is_number(self.f_alpha_divergence_coef) and math.isfinite(self.f_alpha_divergence_coef)):
+            raise _bad("f_alpha_divergence_coef", f"must be a finite number, got {self.f_alpha_divergence_coef!r}")
+        if self.f_divergence_type != "reverse_kl" and self.stage == "preference":
+            without = [n for n in _loss_names(self.loss_type)
+                       if n in LOSSES and n != "sft" and "f_divergence_type" not in LOSSES[n].defaults]
+            if without:
+                raise _bad("f_divergence_type", f"{self.f_divergence_type} is defined for losses built on the "
+                           f"chosen - rejected score difference, not for {without} (TRL refuses them too)")
+
+    def _check_loss(self) -> None:
+        """The loss and pair strategy, as ``get_loss`` and ``PairConfig`` take them."""
+        if ("listwise" in _loss_names(self.loss_type)) != (self.pair_strategy == "ranking"):
+            raise _bad("pair_strategy", "loss_type listwise and pair_strategy ranking go together (the listwise "
+                       f"loss takes each group's ranking); got loss_type {self.loss_type!r} with pair_strategy "
+                       f"{self.pair_strategy!r}")
+        if self.stage != "preference":
+            return
+        try:
+            get_loss(self.loss_type, **self.loss_kwargs())
+        except ValueError as err:
+            raise _bad("loss_type", str(err)) from None
+        try:
+            PairConfig(self.pair_strategy, self.pair_min_gap)
+        except ValueError as err:
+            raise _bad("pair_strategy", str(err)) from None
+
+    def _check_sync(self) -> None:
         """TR-DPO's keys: a number in [0, 1] and a reference model that can change (the step count is
         checked with the other positive integers)."""
-        from prefixpo.losses import loss_requires_reference
-
         alpha = self.ref_model_mixup_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ConfigError(f"config key `ref_model_mixup_alpha`: must be a number in [0, 1], got "
-                              f"{self.ref_model_mixup_alpha!r}")
+            raise _bad("ref_model_mixup_alpha", f"must be a number in [0, 1], got {alpha!r}")
         if not self.sync_ref_model or self.stage != "preference":
             return
         why = None
@@ -148,141 +310,7 @@ class TrainConfig:
         elif not loss_requires_reference(self.loss_type, self.reference_free):
             why = "the loss uses no reference model (reference_free, or a reference-free loss)"
         if why:
-            raise ConfigError(f"config key `sync_ref_model`: {why}")
-
-    def validate(self) -> TrainConfig:
-        def bad(key: str, message: str) -> ConfigError:
-            return ConfigError(f"config key `{key}`: {message}")
-
-        if not self.model_name_or_path:
-            raise bad("model_name_or_path", "is required (a hub name, a local directory with weights, or a model "
-                      "config file (config.json) for random weights)")
-        if self.dataset in ("", None, []):
-            raise bad("dataset", "is required (a local json/jsonl/parquet/csv file, a saved dataset "
-                      "directory, or a hub dataset name; or a list of them)")
-        choices = {"stage": STAGES, "lr_scheduler_type": SCHEDULERS, "reference_mode": REFERENCE_MODES,
-                   "attention_backend": ("auto", "sdpa", "flex"), "on_bad_row": ("error", "skip")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise bad(key, f"got {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "logps_chunk_size", "max_length", "save_total_limit", "dataset_num_proc",
-                    "ref_model_sync_steps"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("eval_steps", "save_steps"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise bad(key, f"must be a positive integer or null, got {value!r}")
-        if isinstance(self.resume_from_checkpoint, bool):  # transformers' meaning: true is the newest checkpoint
-            self.resume_from_checkpoint = "latest" if self.resume_from_checkpoint else None
-        if self.resume_from_checkpoint is not None and not isinstance(self.resume_from_checkpoint, str):
-            raise bad("resume_from_checkpoint", f"got {self.resume_from_checkpoint!r}; give latest, auto or the path "
-                      "of a checkpoint directory")
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        if not (number(self.learning_rate) and 0 < self.learning_rate < math.inf):
-            raise bad("learning_rate", f"must be a number > 0, got {self.learning_rate!r}")
-        if self.max_grad_norm is None:
-            self.max_grad_norm = 0.0
-        # optimizer values, checked here so a bad one stops the run before anything loads
-        ranges = {"adam_beta1": (0, 1, "in [0, 1)"), "adam_beta2": (0, 1, "in [0, 1)"),
-                  "adam_epsilon": (0, math.inf, ">= 0"), "weight_decay": (0, math.inf, ">= 0"),
-                  "max_grad_norm": (0, math.inf, ">= 0 (0 or null: no clipping)"),
-                  "label_smoothing": (0, 0.5, "in [0, 0.5)"), "lora_dropout": (0, 1, "in [0, 1)"),
-                  "pair_min_gap": (0, math.inf, ">= 0"), "loss_spike_factor": (0, math.inf, ">= 0 (0: off)")}
-        for key, (low, high, text) in ranges.items():
-            value = getattr(self, key)
-            if not (number(value) and low <= value < high):
-                raise bad(key, f"must be a number {text}, got {value!r}")
-        for key in ("warmup_steps", "seed"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or (key == "warmup_steps" and value < 0):
-                raise bad(key, f"must be {'a non-negative ' if key == 'warmup_steps' else 'an '}integer, got {value!r}")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int):
-            raise bad("max_steps", f"must be an integer (-1: from num_train_epochs), got {self.max_steps!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.num_train_epochs <= 0 and self.max_steps <= 0:
-            raise bad("num_train_epochs", "must be > 0 unless max_steps is set")
-        if self.packing_num_buckets < 1:
-            raise bad("packing_num_buckets", f"must be at least 1, got {self.packing_num_buckets}")
-        if self.packing and (self.packing_capacity < 128 or self.packing_capacity % 128):
-            raise bad("packing_capacity", f"must be a positive multiple of 128, got {self.packing_capacity}")
-        if self.packing and self.packing_capacity < self.max_length:
-            raise bad("packing_capacity", f"({self.packing_capacity}) must be at least max_length "
-                      f"({self.max_length}), so every group fits in a row")
-        reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
-        for r in reports:
-            if r not in REPORT_TO:
-                raise bad("report_to", f"got {r!r}; choose from {', '.join(REPORT_TO)}")
-            if r != "none" and importlib.util.find_spec(r) is None:
-                raise bad("report_to", f"{r} is not installed (pip install {r})")
-        if self.load_in_4bit:
-            if not self.use_peft:
-                raise bad("load_in_4bit", "4-bit base weights train only adapters: set use_peft: true")
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise bad("load_in_4bit", "needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU")
-        self._validate_data()
-        for key in ("reference_free", "use_weighting", "disable_dropout", "sync_ref_model",
-                    "activation_offloading"):
-            if not isinstance(getattr(self, key), bool):
-                raise bad(key, f"must be true or false, got {getattr(self, key)!r}")
-        if self.ld_alpha is not None and not (number(self.ld_alpha) and 0 <= self.ld_alpha <= 1):
-            raise bad("ld_alpha", f"must be a number in [0, 1] or null, got {self.ld_alpha!r}")
-        if self.ld_alpha is not None and self.reference_mode == "precomputed":
-            raise bad("ld_alpha", "needs the reference's per-token log-probs, which a precomputed reference does "
-                      "not keep: use reference_mode: model (or auto)")
-        from prefixpo.losses import F_DIVERGENCES
-
-        if self.f_divergence_type not in F_DIVERGENCES:
-            raise bad("f_divergence_type", f"got {self.f_divergence_type!r}; choose one of {', '.join(F_DIVERGENCES)}")
-        if not (number(self.f_alpha_divergence_coef) and math.isfinite(self.f_alpha_divergence_coef)):
-            raise bad("f_alpha_divergence_coef", f"must be a finite number, got {self.f_alpha_divergence_coef!r}")
-        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        if self.f_divergence_type != "reverse_kl" and self.stage == "preference":
-            from prefixpo.losses import LOSSES
-
-            without = [n for n in names if n in LOSSES and n != "sft" and "f_divergence_type" not in LOSSES[n].defaults]
-            if without:
-                raise bad("f_divergence_type", f"{self.f_divergence_type} is defined for losses built on the chosen - "
-                          f"rejected score difference, not for {without} (TRL refuses them too)")
-        if ("listwise" in names) != (self.pair_strategy == "ranking"):
-            raise bad("pair_strategy", "loss_type listwise and pair_strategy ranking go together (the listwise "
-                      f"loss takes each group's ranking); got loss_type {self.loss_type!r} with pair_strategy "
-                      f"{self.pair_strategy!r}")
-        if self.stage == "preference":
-            from prefixpo.losses import get_loss
-
-            try:
-                get_loss(self.loss_type, **self.loss_kwargs())
-            except ValueError as err:
-                raise bad("loss_type", str(err)) from None
-            from prefixpo.pairs import PairConfig
-
-            try:
-                PairConfig(self.pair_strategy, self.pair_min_gap)
-            except ValueError as err:
-                raise bad("pair_strategy", str(err)) from None
-        self._validate_sync()
-        return self
-
-    def _validate_data(self) -> None:
-        from prefixpo.data import DataConfig, DataError
-
-        try:
-            DataConfig.from_dict({**self.data_defaults(), "dataset": "-"})
-        except DataError as err:
-            where = "`data`" if str(err).startswith("unknown data config key") else "keys"
-            raise ConfigError(f"data config {where}: {err}") from None
-        try:
-            self.data_sources()
-            if self.eval_dataset is not None:
-                self.data_sources(evaluation=True)
-        except DataError as err:  # a MixtureError, naming the key path
-            raise ConfigError(str(err)) from None
+            raise _bad("sync_ref_model", why)
 
     def data_defaults(self, evaluation: bool = False) -> dict[str, Any]:
         """The DataConfig keys every train (or eval) dataset starts from: the run's data keys and ``data``."""
@@ -295,6 +323,7 @@ class TrainConfig:
 
     def data_sources(self, evaluation: bool = False) -> list[Any]:
         """The ``DataConfig`` of each train (or eval) dataset: the defaults, then its own keys."""
+        # in the function: prefixpo.data imports datasets (about a second), which a config error need not wait for
         from prefixpo.data.mixture import resolve_sources
 
         key = "eval_dataset" if evaluation else "dataset"
@@ -304,9 +333,7 @@ class TrainConfig:
         """Keyword arguments for ``get_loss``: beta, label_smoothing and the f-divergence where the loss
         has them (an f-divergence other than reverse_kl is given to every loss, so a loss without one
         is refused, as TRL does), and the options reference_free, ld_alpha, use_weighting."""
-        from prefixpo.losses import LOSSES
-
-        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        names = _loss_names(self.loss_type)
         kwargs: dict[str, Any] = {}
         if len(names) > 1:
             kwargs["loss_weights"] = self.loss_weights
@@ -336,107 +363,3 @@ class TrainConfig:
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)}
-
-
-def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads ``1e-6`` (no dot) as a string; numbers for float keys are taken as floats."""
-    out = dict(values)
-    for key in FLOAT_FIELDS & out.keys():
-        if isinstance(out[key], str):
-            try:
-                out[key] = float(out[key])
-            except ValueError:
-                raise ConfigError(f"config key `{key}`: expected a number, got {out[key]!r}") from None
-        elif isinstance(out[key], int) and not isinstance(out[key], bool):
-            out[key] = float(out[key])
-    return out
-
-
-def _check_keys(keys: Sequence[str], where: str) -> None:
-    for key in keys:
-        if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(f"unknown config key `{key}` in {where}{hint}")
-
-
-def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
-    """``--key value`` pairs (or ``--key=value``; a bare ``--flag`` is true), values parsed as YAML.
-    Dashes in a key read as underscores (``--learning-rate``); values are kept as typed.
-
-    >>> parse_overrides(["--learning-rate", "2.0e-5", "--sft.bf16", "--output_dir=/runs/my-run"])
-    {'learning_rate': 2e-05, 'sft.bf16': True, 'output_dir': '/runs/my-run'}
-    """
-    out: dict[str, Any] = {}
-    items = list(args)
-    while items:
-        item = items.pop(0)
-        if not item.startswith("--") or item == "--":
-            raise ConfigError(f"expected --key value on the command line, got {item!r}")
-        key, eq, value = item[2:].partition("=")
-        if not eq:
-            value = items.pop(0) if items and not items[0].startswith("--") else "true"
-        stage, dot, name = key.rpartition(".")
-        key = stage + dot + name.replace("-", "_")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--{key} on the command line: {value!r} is not a valid value "
-                              f"({str(err).splitlines()[0]})") from None
-    return out
-
-
-def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[TrainConfig]:
-    """The validated config of each stage, from a YAML file and command-line overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"no config file at {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(raw).__name__}")
-    from prefixpo.trl_config import is_trl_config, read_trl  # a `trl dpo --config` YAML (docs/training.md)
-
-    if is_trl_config(raw):
-        raw = read_trl(raw, str(path))
-    stages = raw.pop("stages", None) or [{}]
-    _check_keys(list(raw), str(path))
-    top = dict(raw)
-    every: dict[str, Any] = {}  # --key value: every stage, over what the file and its stages say
-    per_stage: dict[str, dict[str, Any]] = {}
-    for key, value in parse_overrides(overrides).items():
-        if "." in key:
-            name, sub = key.split(".", 1)
-            per_stage.setdefault(name, {})[sub] = value
-        else:
-            _check_keys([key], "the command line (--" + key + ")")
-            every[key] = value
-    configs = []
-    for i, stage in enumerate(stages):
-        _check_keys(list(stage), f"stages[{i}]")
-        merged = {**top, **stage, **every}
-        name = merged.get("stage", "preference")
-        _check_keys(list(per_stage.get(name, {})), f"the command line (--{name}.*)")
-        merged.update(per_stage.get(name, {}))
-        if len(stages) > 1:
-            merged["output_dir"] = str(Path(merged.get("output_dir", TrainConfig.output_dir)) / f"{i}-{name}")
-            if i > 0 and "model_name_or_path" not in stage:
-                merged["model_name_or_path"] = str(Path(configs[-1].output_dir) / "final")
-                merged.setdefault("tokenizer_name_or_path", configs[-1].tokenizer_name_or_path)
-        unknown_stage = set(per_stage) - {s.get("stage", every.get("stage", top.get("stage", "preference")))
-                                          for s in stages}
-        if unknown_stage:
-            raise ConfigError(f"overrides for stage(s) {sorted(unknown_stage)}, which the config does not have")
-        try:
-            cfg = TrainConfig(**_coerce(merged))
-        except TypeError as err:
-            raise ConfigError(str(err)) from None
-        configs.append(cfg.validate())
-    return configs
-
-
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

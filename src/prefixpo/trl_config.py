@@ -37,7 +37,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from prefixpo.config import FIELDS, ConfigError
+from prefixpo.errors import ConfigError
+from prefixpo.losses import LOSSES
+from prefixpo.train_config import FIELDS
 
 Converter = Callable[[Any, Mapping[str, Any]], dict[str, Any]]
 KEEP_ALL = 1_000_000  # save_total_limit for TRL's null (keep every checkpoint)
@@ -70,8 +72,6 @@ def loss_names(values: Mapping[str, Any]) -> list[str]:
 
 
 def loss_type(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
-    from prefixpo.losses import LOSSES
-
     names = [LOSS_NAMES.get(n, n) for n in loss_names(values)]
     for name in names:
         if name not in LOSSES:

@@ -24,10 +24,10 @@ import datasets
 
 from prefixpo.data.config import DataConfig
 from prefixpo.data.errors import BadRow, DataError, RowError, bad_row_error
-from prefixpo.data.formats import RowFiltered, parse_row
+from prefixpo.data.formats import RowFiltered
 from prefixpo.data.loading import load_source, local_fingerprint
 from prefixpo.data.merge import MergeStats, merge_prompts
-from prefixpo.data.schemas import resolve_format
+from prefixpo.data.schemas import parse_row, resolve_format
 from prefixpo.data.tokenize import (
     RAW,
     TEMPLATE,
