@@ -29,6 +29,8 @@ from prefixpo.errors import ConfigError
 from prefixpo.train_config import FIELDS, FLOAT_FIELDS, TrainConfig
 from prefixpo.trl_config import is_trl_config, read_trl
 
+# ConfigError (errors.py) and TrainConfig (train_config.py) are re-exported: prefixpo.config is where
+# the trainer and users import a run's config from
 __all__ = ["ConfigError", "TrainConfig", "load_stages", "parse_overrides", "save_config"]
 
 
