@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefixpo.pairs import listwise_dpo_loss
+
 Metrics = dict[str, Tensor]
 LossFn = Callable[..., tuple[Tensor, Metrics]]
 
@@ -402,8 +404,6 @@ def listwise(policy_logps: Tensor, reference_logps: Tensor, rankings: Sequence[T
     their flat indices best-first (``pair_strategy: ranking`` gives them); one loss per group. For
     two responses it equals ``sigmoid``. See ``prefixpo.pairs.listwise_dpo_loss``.
     """
-    from prefixpo.pairs import listwise_dpo_loss
-
     return listwise_dpo_loss(policy_logps, reference_logps, rankings, beta)
 
 
@@ -575,6 +575,117 @@ def _validate(name: str, args: tuple[Any, ...], requires_reference: bool) -> Pai
     return p._replace(len_c=p.len_c.to(dtype), len_r=p.len_r.to(dtype))
 
 
+def _check_names(name: str | Sequence[str]) -> list[str]:
+    """The loss names as a list: at least one, each registered, none twice."""
+    names = [name] if isinstance(name, str) else list(name)
+    if not names:
+        raise ValueError(f"no loss given; the losses are: {', '.join(LOSSES)}")
+    for n in names:
+        _spec(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss names must be distinct, got {names}")
+    return names
+
+
+def _check_weights(names: list[str], loss_weights: Sequence[float] | None) -> list[float]:
+    """One finite weight per loss; a single loss may leave them out (weight 1)."""
+    if loss_weights is None:
+        if len(names) > 1:
+            raise ValueError(f"a combination of {len(names)} losses needs loss_weights, one per loss")
+        loss_weights = [1.0]
+    if len(loss_weights) != len(names):
+        raise ValueError(f"loss_weights has {len(loss_weights)} entries for {len(names)} losses {names}")
+    if not all(_is_number(w) for w in loss_weights):
+        raise ValueError(f"loss_weights must be finite numbers, got {list(loss_weights)}")
+    return [float(w) for w in loss_weights]
+
+
+def _bind_all(names: list[str], params: dict[str, dict[str, Any]], shared: dict[str, Any]) -> list[Callable[..., Any]]:
+    """Each loss bound to its parameters: the ``shared`` keywords it has, overridden by ``params[name]``."""
+    stray = sorted(set(params) - set(names))
+    if stray:
+        raise ValueError(f"params given for {stray}, which are not among the losses {names}")
+    unused = [k for k in shared if not any(k in LOSSES[n].defaults for n in names)]
+    if unused and len(names) > 1:
+        allowed = sorted({k for n in names for k in LOSSES[n].defaults})
+        raise ValueError(f"no loss among {names} has parameter(s) {unused}; allowed: {allowed}")
+    bound = []
+    for n in names:
+        own = {k: v for k, v in shared.items() if k in LOSSES[n].defaults or len(names) == 1}
+        bound.append(_bind(n, {**own, **params.get(n, {})}))
+    return bound
+
+
+def _check_options(names: list[str], reference_free: Any, ld_alpha: Any, use_weighting: Any) -> None:
+    """The options of the whole loss (``get_loss``'s keyword-only arguments)."""
+    if not isinstance(reference_free, bool):
+        raise ValueError(f"reference_free must be true or false, got {reference_free!r}")
+    if ld_alpha is not None and not (_is_number(ld_alpha) and 0.0 <= ld_alpha <= 1.0):
+        raise ValueError(f"ld_alpha must be a number in [0, 1] or None, got {ld_alpha!r}")
+    if not isinstance(use_weighting, bool):
+        raise ValueError(f"use_weighting must be true or false, got {use_weighting!r}")
+    sorting = [n for n in names if LOSSES[n].fn in (aot, aot_pair)]
+    if use_weighting and sorting:
+        raise ValueError(f"use_weighting (WPO) cannot weight {sorting}: they sort pairs across the batch, so a "
+                         "pair's loss is not its own (TRL refuses this too)")
+
+
+def _pairwise_fn(names: list[str], weights: list[float], bound: list[Callable[[PairLogps], tuple[Tensor, Metrics]]],
+                 requires_reference: bool, zero_reference: bool, ld_alpha: float | None,
+                 use_weighting: bool) -> LossFn:
+    """The function ``get_loss`` returns for pairwise losses: inputs checked, the weighted sum of the
+    bound losses, scaled by ``pair_weights`` under ``use_weighting``."""
+    label = names[0] if len(names) == 1 else "+".join(names)
+
+    def loss_fn(
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor | None,
+        reference_rejected_logps: Tensor | None,
+        chosen_lengths: Tensor,
+        rejected_lengths: Tensor,
+        pair_weights: Tensor | None = None,
+        nll_chosen_logps: Tensor | None = None,
+    ) -> tuple[Tensor, Metrics]:
+        if zero_reference:
+            reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
+            reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
+        p = _validate(label, (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                              reference_rejected_logps, chosen_lengths, rejected_lengths),
+                      requires_reference or zero_reference)
+        if nll_chosen_logps is not None:
+            p = p._replace(nll_c=nll_chosen_logps)
+        if use_weighting and pair_weights is None:
+            raise ValueError(f"loss {label!r} with use_weighting needs pair_weights (the step computes them)")
+        scale = pair_weights.detach() if use_weighting and pair_weights is not None else None
+        losses, metrics = _weighted_sum(names, weights, bound, p)
+        return (losses if scale is None else losses * scale), metrics
+
+    loss_fn.__name__ = f"loss_{label}"
+    loss_fn.requires_reference = requires_reference  # type: ignore[attr-defined]
+    loss_fn.ld_alpha = ld_alpha  # type: ignore[attr-defined]
+    loss_fn.use_weighting = use_weighting  # type: ignore[attr-defined]
+    return loss_fn
+
+
+def _weighted_sum(names: list[str], weights: list[float], bound: list[Callable[[PairLogps], tuple[Tensor, Metrics]]],
+                  p: PairLogps) -> tuple[Tensor, Metrics]:
+    """``sum_i w_i loss_i`` and the metrics of a combination (see ``get_loss``); one loss: its own."""
+    if len(bound) == 1:
+        losses, metrics = bound[0](p)
+        return (losses if weights[0] == 1.0 else weights[0] * losses), metrics
+    total: Tensor | None = None
+    metrics = {}
+    for n, w, fn in zip(names, weights, bound, strict=True):
+        losses, m = fn(p)
+        total = w * losses if total is None else total + w * losses
+        for k, v in m.items():
+            metrics.setdefault(k, v)
+        metrics[f"loss/{n}"] = losses.detach()
+    assert total is not None
+    return total, metrics
+
+
 def get_loss(
     name: str | Sequence[str],
     loss_weights: Sequence[float] | None = None,
@@ -609,43 +720,10 @@ def get_loss(
       ``pair_weights = w_c * w_r`` (detached), ``w = exp(mean over the response's tokens of
       log p(token) - log sum_v p(v)^2)``, and each pair's loss is multiplied by it.
     """
-    names = [name] if isinstance(name, str) else list(name)
-    if not names:
-        raise ValueError(f"no loss given; the losses are: {', '.join(LOSSES)}")
-    for n in names:
-        _spec(n)
-    if len(set(names)) != len(names):
-        raise ValueError(f"loss names must be distinct, got {names}")
-    if loss_weights is None:
-        if len(names) > 1:
-            raise ValueError(f"a combination of {len(names)} losses needs loss_weights, one per loss")
-        loss_weights = [1.0]
-    if len(loss_weights) != len(names):
-        raise ValueError(f"loss_weights has {len(loss_weights)} entries for {len(names)} losses {names}")
-    if not all(_is_number(w) for w in loss_weights):
-        raise ValueError(f"loss_weights must be finite numbers, got {list(loss_weights)}")
-    params = dict(params or {})
-    stray = sorted(set(params) - set(names))
-    if stray:
-        raise ValueError(f"params given for {stray}, which are not among the losses {names}")
-    unused = [k for k in shared if not any(k in LOSSES[n].defaults for n in names)]
-    if unused and len(names) > 1:
-        allowed = sorted({k for n in names for k in LOSSES[n].defaults})
-        raise ValueError(f"no loss among {names} has parameter(s) {unused}; allowed: {allowed}")
-    bound = []
-    for n in names:
-        own = {k: v for k, v in shared.items() if k in LOSSES[n].defaults or len(names) == 1}
-        bound.append(_bind(n, {**own, **params.get(n, {})}))
-    if not isinstance(reference_free, bool):
-        raise ValueError(f"reference_free must be true or false, got {reference_free!r}")
-    if ld_alpha is not None and not (_is_number(ld_alpha) and 0.0 <= ld_alpha <= 1.0):
-        raise ValueError(f"ld_alpha must be a number in [0, 1] or None, got {ld_alpha!r}")
-    if not isinstance(use_weighting, bool):
-        raise ValueError(f"use_weighting must be true or false, got {use_weighting!r}")
-    sorting = [n for n in names if LOSSES[n].fn in (aot, aot_pair)]
-    if use_weighting and sorting:
-        raise ValueError(f"use_weighting (WPO) cannot weight {sorting}: they sort pairs across the batch, so a "
-                         "pair's loss is not its own (TRL refuses this too)")
+    names = _check_names(name)
+    weights = _check_weights(names, loss_weights)
+    bound = _bind_all(names, dict(params or {}), shared)
+    _check_options(names, reference_free, ld_alpha, use_weighting)
     requires_reference = loss_requires_reference(names) and not reference_free
     if any(LOSSES[n].listwise for n in names):
         if len(names) > 1:
@@ -655,47 +733,4 @@ def get_loss(
             raise ValueError("ld_alpha and use_weighting are per-pair options; the listwise loss takes neither")
         return _listwise_fn(names[0], bound[0], requires_reference)
     zero_reference = reference_free and loss_requires_reference(names)
-    label = names[0] if len(names) == 1 else "+".join(names)
-    weights = [float(w) for w in loss_weights]
-
-    def loss_fn(
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        reference_chosen_logps: Tensor | None,
-        reference_rejected_logps: Tensor | None,
-        chosen_lengths: Tensor,
-        rejected_lengths: Tensor,
-        pair_weights: Tensor | None = None,
-        nll_chosen_logps: Tensor | None = None,
-    ) -> tuple[Tensor, Metrics]:
-        if zero_reference:
-            reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
-            reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
-        p = _validate(label, (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                              reference_rejected_logps, chosen_lengths, rejected_lengths),
-                      requires_reference or zero_reference)
-        if nll_chosen_logps is not None:
-            p = p._replace(nll_c=nll_chosen_logps)
-        if use_weighting and pair_weights is None:
-            raise ValueError(f"loss {label!r} with use_weighting needs pair_weights (the step computes them)")
-        scale = pair_weights.detach() if use_weighting and pair_weights is not None else None
-        if len(bound) == 1:
-            losses, metrics = bound[0](p)
-            losses = losses if weights[0] == 1.0 else weights[0] * losses
-            return (losses if scale is None else losses * scale), metrics
-        total: Tensor | None = None
-        metrics: Metrics = {}
-        for n, w, fn in zip(names, weights, bound, strict=True):
-            losses, m = fn(p)
-            total = w * losses if total is None else total + w * losses
-            for k, v in m.items():
-                metrics.setdefault(k, v)
-            metrics[f"loss/{n}"] = losses.detach()
-        assert total is not None
-        return (total if scale is None else total * scale), metrics
-
-    loss_fn.__name__ = f"loss_{label}"
-    loss_fn.requires_reference = requires_reference  # type: ignore[attr-defined]
-    loss_fn.ld_alpha = ld_alpha  # type: ignore[attr-defined]
-    loss_fn.use_weighting = use_weighting  # type: ignore[attr-defined]
-    return loss_fn
+    return _pairwise_fn(names, weights, bound, requires_reference, zero_reference, ld_alpha, use_weighting)

@@ -221,13 +221,33 @@ def listwise_dpo_loss(
         raise ValueError(f"beta must be > 0, got {beta!r}")
     if policy_logps.dim() != 1 or policy_logps.shape != reference_logps.shape:
         raise ValueError("policy_logps and reference_logps must be 1-D tensors [R] of the same shape")
-    num_responses = policy_logps.numel()
+    index, valid = _ranking_index(rankings, policy_logps.numel())
+    index, valid = index.to(policy_logps.device), valid.to(policy_logps.device)
+    rewards = beta * (policy_logps - reference_logps)
+    r = rewards[index]  # [G, K]; padding holds response 0's reward and is masked out
+    width = r.shape[1]
+    k = torch.arange(width, device=r.device)
+    # suffix[g, k, j]: j is in the remaining set {k, ..., n_g - 1}; the diagonal keeps padded rows finite
+    suffix = (k[None, None, :] >= k[None, :, None]) & (valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=r.device))
+    denom = torch.logsumexp(r[:, None, :].masked_fill(~suffix, float("-inf")), dim=-1)  # [G, K]
+    losses = -torch.where(valid, r - denom, torch.zeros_like(r)).sum(dim=1)
+    return losses, _listwise_metrics(policy_logps.detach(), rewards.detach(), index, valid)
+
+
+def _ranking_index(rankings: Sequence[Tensor | Sequence[int]], num_responses: int) -> tuple[Tensor, Tensor]:
+    """``(index, valid)``, both ``[num_groups, longest ranking]`` on the CPU: each group's response
+    indices best-first, padded with 0, and where they are real.
+
+    >>> _ranking_index([[2, 0, 1], [3, 4]], 5)
+    (tensor([[2, 0, 1],
+            [3, 4, 0]]), tensor([[ True,  True,  True],
+            [ True,  True, False]]))
+    """
     sizes = [len(r) for r in rankings]
     if not sizes:
         raise ValueError("rankings is empty")
-    num_groups, width = len(sizes), max(sizes)
-    index = torch.zeros(num_groups, width, dtype=torch.long)
-    valid = torch.zeros(num_groups, width, dtype=torch.bool)
+    index = torch.zeros(len(sizes), max(sizes), dtype=torch.long)
+    valid = torch.zeros(len(sizes), max(sizes), dtype=torch.bool)
     for g, ranking in enumerate(rankings):
         idx = torch.as_tensor(ranking, dtype=torch.long).cpu()
         if idx.numel() < 2 or idx.unique().numel() != idx.numel():
@@ -236,31 +256,27 @@ def listwise_dpo_loss(
             raise ValueError(f"rankings[{g}] has indices outside [0, {num_responses}): {idx.tolist()}")
         index[g, : len(idx)] = idx
         valid[g, : len(idx)] = True
-    index, valid = index.to(policy_logps.device), valid.to(policy_logps.device)
-    rewards = beta * (policy_logps - reference_logps)
-    r = rewards[index]  # [G, K]; padding holds response 0's reward and is masked out
-    k = torch.arange(width, device=r.device)
-    # suffix[g, k, j]: j is in the remaining set {k, ..., n_g - 1}; the diagonal keeps padded rows finite
-    suffix = (k[None, None, :] >= k[None, :, None]) & (valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=r.device))
-    denom = torch.logsumexp(r[:, None, :].masked_fill(~suffix, float("-inf")), dim=-1)  # [G, K]
-    losses = -torch.where(valid, r - denom, torch.zeros_like(r)).sum(dim=1)
+    return index, valid
 
-    sizes_t = torch.tensor(sizes, device=r.device)
-    last = index.gather(1, (sizes_t - 1)[:, None]).squeeze(1)
-    rd = r.detach()
+
+def _listwise_metrics(logps: Tensor, rewards: Tensor, index: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """Per-group metrics of ``listwise_dpo_loss`` from detached ``[R]`` log-probs and rewards: best
+    against worst response, and the share of the ranking's ordered pairs whose rewards agree."""
+    last = index.gather(1, (valid.sum(1) - 1)[:, None]).squeeze(1)
+    r = rewards[index]
+    k = torch.arange(index.shape[1], device=index.device)
     before = k[None, :, None] < k[None, None, :]
     both = valid[:, :, None] & valid[:, None, :] & before
-    agree = (rd[:, :, None] > rd[:, None, :]) & both
-    chosen_r, rejected_r = rewards.detach()[index[:, 0]], rewards.detach()[last]
-    metrics = {
+    agree = (r[:, :, None] > r[:, None, :]) & both
+    chosen_r, rejected_r = rewards[index[:, 0]], rewards[last]
+    return {
         "rewards/chosen": chosen_r,
         "rewards/rejected": rejected_r,
         "rewards/margins": chosen_r - rejected_r,
         "rewards/accuracies": agree.sum((1, 2)).to(r.dtype) / both.sum((1, 2)).to(r.dtype),
-        "logps/chosen": policy_logps.detach()[index[:, 0]],
-        "logps/rejected": policy_logps.detach()[last],
+        "logps/chosen": logps[index[:, 0]],
+        "logps/rejected": logps[last],
     }
-    return losses, metrics
 
 
 def batch_pair_indices(batch: Batch, pair_config: PairConfig | None = None) -> BatchPairs:

@@ -21,6 +21,7 @@ from prefixpo.cli import name_mapping
 from prefixpo.data import DataConfig, DataError, load_groups
 from prefixpo.data.config import FORMATS, ON_BAD_ROW, TRUNCATION
 from prefixpo.data.stats import stats_of
+from prefixpo.sources import SourceError, check_dataset, check_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +87,6 @@ def load_tokenizer(name: str) -> Any:
 
 def check_sources(cfg: DataConfig, tokenizer: str | None) -> None:
     """Fail in a second, in one line, on a dataset or tokenizer that is neither local nor reachable."""
-    from prefixpo.sources import SourceError, check_dataset, check_tokenizer
 
     try:
         check_dataset(cfg.dataset, "--dataset")

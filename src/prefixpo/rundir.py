@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from prefixpo.checkpoint import list_checkpoints
-from prefixpo.config import ConfigError, TrainConfig
+from prefixpo.errors import ConfigError
+from prefixpo.train_config import TrainConfig
 
 DONE_MARKER = "training_done.json"
 LOCK_FILE = ".prefixpo.lock"

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from prefixpo.checkpoint import STATE_FILE, list_checkpoints
+from prefixpo.errors import ConfigError
+
 Kind = Literal["model", "tokenizer", "dataset"]
 
 HUB_TIMEOUT = float(os.environ.get("PREFIXPO_HUB_TIMEOUT", "1.5"))
@@ -200,8 +203,6 @@ def check_dataset(value: str, label: str) -> Found:
 def check_checkpoint(value: str, output_dir: str | Path, label: str = "config key `resume_from_checkpoint`") -> None:
     """A ``resume_from_checkpoint`` value: ``latest``, or a finished checkpoint directory (one
     with ``training_state.pt``); the error lists the checkpoints that ``output_dir`` does hold."""
-    from prefixpo.checkpoint import STATE_FILE, list_checkpoints
-
     if value in ("latest", "auto") or (Path(value) / STATE_FILE).is_file():
         return
     held = [p.name for p in list_checkpoints(Path(output_dir))]
@@ -216,8 +217,6 @@ def check_stages(stages: Sequence[Any]) -> None:
     """Check every source of every training stage (``TrainConfig``) before any of them loads;
     a stage's ``output_dir/final``, written by an earlier stage, is taken on trust. Raises
     ``ConfigError`` naming the config key."""
-    from prefixpo.config import ConfigError
-
     produced: set[str] = set()
     try:
         for cfg in stages:

@@ -37,7 +37,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from prefixpo.config import FIELDS, ConfigError
+from prefixpo.errors import ConfigError
+from prefixpo.losses import LOSSES
+from prefixpo.train_config import FIELDS
 
 Converter = Callable[[Any, Mapping[str, Any]], dict[str, Any]]
 KEEP_ALL = 1_000_000  # save_total_limit for TRL's null (keep every checkpoint)
@@ -59,7 +61,7 @@ def consumed(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- converters -------------------------------------------------------------------------------
 
-LOSS_NAMES: dict[str, str] = {}  # TRL 1.16's name -> prefixpo's, where they differ (none now)
+LOSS_NAMES: dict[str, str] = {}  # TRL 1.16's name -> prefixpo's where they differ; every name is the same
 TRL_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
@@ -70,8 +72,6 @@ def loss_names(values: Mapping[str, Any]) -> list[str]:
 
 
 def loss_type(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
-    from prefixpo.losses import LOSSES
-
     names = [LOSS_NAMES.get(n, n) for n in loss_names(values)]
     for name in names:
         if name not in LOSSES:
@@ -236,17 +236,6 @@ def packing(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def same_name_or_default(key: str, default: Any) -> Converter:
-    """A key prefixpo may not have yet: the same name where it does, else only TRL's default."""
-    def convert(value: Any, values: Mapping[str, Any]) -> dict[str, Any]:
-        if key in FIELDS:
-            return {key: value}
-        if value != default:
-            raise refuse(key, value, "not yet supported")
-        return {}
-    return convert
-
-
 # --- the tables ---------------------------------------------------------------------------------
 
 # TRL key -> prefixpo key (the same name) or a converter
@@ -266,14 +255,10 @@ MAPPED: dict[str, str | Converter] = {
     "precompute_ref_log_probs": lambda v, _: {"reference_mode": "precomputed"} if v else {},
     "loss_type": loss_type, "loss_weights": "loss_weights", "label_smoothing": "label_smoothing",
     "beta": "beta", "discopop_tau": discopop_tau,
-    # the keys of losses another branch adds: the same name, or TRL's default only
-    "ld_alpha": same_name_or_default("ld_alpha", None),
-    "f_divergence_type": same_name_or_default("f_divergence_type", "reverse_kl"),
-    "f_alpha_divergence_coef": same_name_or_default("f_alpha_divergence_coef", 0.5),
-    "use_weighting": same_name_or_default("use_weighting", False),
+    "ld_alpha": "ld_alpha", "f_divergence_type": "f_divergence_type",
+    "f_alpha_divergence_coef": "f_alpha_divergence_coef", "use_weighting": "use_weighting",
     "sync_ref_model": "sync_ref_model", "ref_model_mixup_alpha": "ref_model_mixup_alpha",
-    "ref_model_sync_steps": "ref_model_sync_steps",
-    "reference_free": same_name_or_default("reference_free", False),
+    "ref_model_sync_steps": "ref_model_sync_steps", "reference_free": "reference_free",
     # TrainingArguments
     "output_dir": lambda v, _: {"output_dir": v or "trainer_output"},
     "per_device_train_batch_size": "per_device_train_batch_size",

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from prefixpo.data.errors import DataError
+from prefixpo.data.errors import BadDataValue, UnknownDataKey
 
 BASE_FORMATS = ("auto", "explicit", "implicit", "ranked", "pairwise", "sft")
 SCHEMA_FORMATS = ("ultrafeedback_binarized", "capybara_dpo", "orca_dpo_pairs", "shp", "stack_exchange",
@@ -69,10 +69,8 @@ class DataConfig:
     preference_column: str | None = None
 
     def __post_init__(self) -> None:
-        def bad(name: str, message: str) -> DataError:
-            err = DataError(f"{name}={getattr(self, name)!r} {message}")
-            err.field = name  # type: ignore[attr-defined]  # a mixture names the key path from it
-            return err
+        def bad(name: str, message: str) -> BadDataValue:
+            return BadDataValue(name, f"{name}={getattr(self, name)!r} {message}")
 
         if not self.dataset or not isinstance(self.dataset, str):
             raise bad("dataset", "is not a hub name, a data file or a save_to_disk directory")
@@ -120,7 +118,7 @@ class DataConfig:
         for key in values:
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
-                raise DataError(f"unknown data config key {key!r}"
+                raise UnknownDataKey(f"unknown data config key {key!r}"
                                 + (f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {known}"))
         return cls(**values)
 

@@ -1,6 +1,7 @@
 """Errors about user data: every message names the source, the row, the column and the fix.
 
-``DataError`` is what the user sees (a ``ValueError``). ``RowError`` is raised inside the row
+``DataError`` is what the user sees (a ``ValueError``); a bad data config key raises one of its two
+kinds, ``BadDataValue`` (naming the field) or ``UnknownDataKey``. ``RowError`` is raised inside the row
 pipeline and turned into a ``BadRow`` record, which becomes a ``DataError`` under
 ``on_bad_row="error"`` or a counted skip under ``on_bad_row="skip"``.
 """
@@ -12,6 +13,18 @@ from dataclasses import dataclass
 
 class DataError(ValueError):
     """A problem with the dataset or the data config, explained for the user."""
+
+
+class BadDataValue(DataError):
+    """A ``DataConfig`` value refused; ``field`` names the field (a mixture names the key path from it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class UnknownDataKey(DataError):
+    """A key ``DataConfig`` does not have; the message suggests the closest one."""
 
 
 class RowError(Exception):

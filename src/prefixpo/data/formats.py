@@ -353,16 +353,3 @@ def with_system(example: Example, row: dict[str, Any], cols: dict[str, str]) -> 
 
 PARSERS = {"explicit": _explicit, "implicit": _implicit, "ranked": _ranked, "pairwise": _pairwise, "sft": _sft}
 
-
-def parse_row(row: dict[str, Any], fmt: str, cols: dict[str, str], role_map: dict[str, str] | None = None,
-              min_score_ratio: float | None = None) -> Example:
-    """One dataset row -> ``Example``; raises ``RowError`` naming the column and the fix.
-
-    >>> cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
-    >>> parse_row({"prompt": "2+2?", "chosen": "4", "rejected": "5"}, "explicit", cols)
-    Example(prompt='2+2?', responses=['4', '5'], scores=None, pairs=None)
-    """
-    from prefixpo.data.schemas import SCHEMA_PARSERS
-
-    parser = SCHEMA_PARSERS.get(fmt) or PARSERS[fmt]
-    return with_system(parser(row, cols, role_map or {}, min_score_ratio), row, cols)

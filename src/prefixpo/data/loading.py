@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from prefixpo.data.config import DataConfig
 from prefixpo.data.errors import DataError
+from prefixpo.sources import SourceError, check_dataset
 
 JSON_SUFFIXES = (".json", ".jsonl")
 TABLE_SUFFIXES = (".parquet", ".csv")
@@ -119,8 +120,6 @@ def _load_local(cfg: DataConfig) -> tuple[datasets.Dataset, list[str]]:
 
 
 def _load_hub(cfg: DataConfig) -> datasets.Dataset:
-    from prefixpo.sources import SourceError, check_dataset
-
     try:  # a missing local file, or a name the Hub does not have, fails here, never tried on the Hub
         check_dataset(cfg.dataset, "dataset")
     except SourceError as e:

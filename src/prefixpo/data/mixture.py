@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from prefixpo.data.config import DataConfig
-from prefixpo.data.errors import DataError
+from prefixpo.data.errors import BadDataValue, DataError
 from prefixpo.data.pipeline import DataReport, load_groups
 from prefixpo.layout import Group
 
@@ -153,7 +153,7 @@ def _data_config(entry: dict[str, Any], defaults: dict[str, Any], where: str) ->
     try:
         return DataConfig.from_dict(values)
     except DataError as err:  # DataConfig names the field it refused: name it as the entry does
-        name = getattr(err, "field", None)
+        name = err.field if isinstance(err, BadDataValue) else None
         key = f"{where}.{BACK.get(name, name)}" if name and name in {*entry, *BACK} else where
         raise MixtureError(key, str(err)) from None
 

@@ -24,10 +24,10 @@ import datasets
 
 from prefixpo.data.config import DataConfig
 from prefixpo.data.errors import BadRow, DataError, RowError, bad_row_error
-from prefixpo.data.formats import RowFiltered, parse_row
+from prefixpo.data.formats import RowFiltered
 from prefixpo.data.loading import load_source, local_fingerprint
 from prefixpo.data.merge import MergeStats, merge_prompts
-from prefixpo.data.schemas import resolve_format
+from prefixpo.data.schemas import parse_row, resolve_format
 from prefixpo.data.tokenize import (
     RAW,
     TEMPLATE,
@@ -255,6 +255,16 @@ def _save_cache(path: str, groups: datasets.Dataset, report: DataReport) -> None
     os.replace(tmp, path)
 
 
+def _row_problems(out: datasets.Dataset, status: list[str]) -> tuple[list[BadRow], list[BadRow]]:
+    """The bad and the filtered rows of ``process_batch``'s output, each sorted by row."""
+    problems = [i for i, s in enumerate(status) if s != "ok"]
+    details = out.select(problems).select_columns(["row", "status", "kind", "column", "reason", "fix"]).to_list()
+    rows: dict[str, list[BadRow]] = {"bad": [], "filtered": []}
+    for d in details:
+        rows[d["status"]].append(BadRow(d["row"], d["kind"], d["column"], d["reason"], d["fix"]))
+    return sorted(rows["bad"], key=lambda b: b.row), sorted(rows["filtered"], key=lambda b: b.row)
+
+
 def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups | None, DataReport]:
     """Read, check and tokenize a preference (or SFT) dataset into groups.
 
@@ -283,12 +293,7 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
         new_fingerprint=hashlib.sha256(f"{source.fingerprint}{tok_fp}{cfg}".encode()).hexdigest()[:16],
         desc="prefixpo: tokenizing")
     status = out["status"]
-    problems = [i for i, s in enumerate(status) if s != "ok"]
-    details = out.select(problems).select_columns(["row", "status", "kind", "column", "reason", "fix"]).to_list()
-    bad = sorted((BadRow(d["row"], d["kind"], d["column"], d["reason"], d["fix"])
-                  for d in details if d["status"] == "bad"), key=lambda b: b.row)
-    filtered = sorted((BadRow(d["row"], d["kind"], d["column"], d["reason"], d["fix"])
-                       for d in details if d["status"] == "filtered"), key=lambda b: b.row)
+    bad, filtered = _row_problems(out, status)
     unit = "line" if "_json" in source.rows.column_names and source.name.endswith(".jsonl") else "row"
     if template := next((b for b in bad if b.kind == "template"), None):
         raise DataError(f"{source.name}: {template.reason}. Fix: {template.fix}")
@@ -306,13 +311,19 @@ def load_groups(cfg: DataConfig, tokenizer: Any | None) -> tuple[TokenizedGroups
     if info is None:
         report.seconds = time.perf_counter() - started
         return None, report
+    kept = _merge_and_cache(kept, report, cfg.merge_prompts, path)
+    report.seconds = time.perf_counter() - started
+    return TokenizedGroups(kept), report
+
+
+def _merge_and_cache(kept: datasets.Dataset, report: DataReport, merge: bool, path: str | None) -> datasets.Dataset:
+    """The kept groups, merged by prompt (``merge``) and, with a cache ``path``, saved there and read back."""
     with no_datasets_bars():  # datasets' own housekeeping bars, between prefixpo's lines
         kept = kept.flatten_indices()
-        if cfg.merge_prompts:
+        if merge:
             kept, report.merge = merge_prompts(kept, datasets.Features({k: FEATURES[k] for k in GROUP_COLUMNS}))
         if path is not None:
             _save_cache(path, kept, report)
             kept = datasets.load_from_disk(os.path.join(path, "groups"))
             report.cache_path = path
-    report.seconds = time.perf_counter() - started
-    return TokenizedGroups(kept), report
+    return kept

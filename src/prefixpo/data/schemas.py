@@ -32,6 +32,7 @@ from prefixpo.data.formats import (
     _unify,
     parse_hh,
     resolve_columns,
+    with_system,
 )
 
 Parser = Callable[[dict[str, Any], dict[str, str], dict[str, str], float | None], Example]
@@ -243,3 +244,16 @@ def resolve_format(columns: list[str], fmt: str, column_map: dict[str, str],
                         "(response_0, response_1, better_response_id, safer_response_id); this dataset is not")
     name, cols = resolve_columns(columns, fmt, column_map)
     return name, name, cols
+
+
+def parse_row(row: dict[str, Any], fmt: str, cols: dict[str, str], role_map: dict[str, str] | None = None,
+              min_score_ratio: float | None = None) -> Example:
+    """One dataset row -> ``Example`` by the parser of ``fmt``, a generic format or a ``resolve_format``
+    key of a schema; raises ``RowError`` naming the column and the fix.
+
+    >>> cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+    >>> parse_row({"prompt": "2+2?", "chosen": "4", "rejected": "5"}, "explicit", cols)
+    Example(prompt='2+2?', responses=['4', '5'], scores=None, pairs=None)
+    """
+    parser = SCHEMA_PARSERS.get(fmt) or PARSERS[fmt]
+    return with_system(parser(row, cols, role_map or {}, min_score_ratio), row, cols)
