@@ -132,3 +132,21 @@ def test_a_step_trains_the_same_groups_however_its_global_batch_is_split(packed)
     assert groups_per_step(2, 1, 2) == want
     assert groups_per_step(4, 1, 1) == want
     assert groups_per_step(2, 2, 1) == want
+
+
+def test_auto_capacity_comes_from_the_training_batch_not_the_eval_batch():
+    """``packing_capacity: auto`` is the training micro-batch size times the longest training group
+    (at least the longest eval group): a larger eval batch does not make training rows larger."""
+    from types import SimpleNamespace
+
+    from prefixpo.layout import Group
+    from prefixpo.trainer import row_layout
+
+    cfg = SimpleNamespace(packing=True, packing_capacity="auto", per_device_train_batch_size=1,
+                          per_device_eval_batch_size=8, gradient_accumulation_steps=8, prefix_sharing=True, seed=0,
+                          packing_num_buckets=4)
+    train = [Group([1] * 600, [[2] * 100, [3] * 100])] * 16  # 800 tokens each
+    longer_eval = [Group([1] * 1000, [[2] * 50, [3] * 50])] * 4  # 1100 tokens each
+    assert row_layout(cfg, train, [], world=1)[0] == 896
+    capacity, buckets = row_layout(cfg, train, longer_eval, world=1)
+    assert capacity == 1152 and buckets[-1] == 1152

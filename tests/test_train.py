@@ -565,3 +565,32 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys):
     assert len(train) == 12 and [r["recompiles"] for r in train] == [0] * 12
     assert len({-(-r["rank_tokens"][0] // 128) for r in train}) >= 2  # rows of several lengths
     assert len(lengths) >= 2 and err.count("compiling: row length") == len(lengths) + 1
+
+
+def test_a_rank_without_pairs_in_the_last_step_still_logs_with_the_others(tmp_path):
+    """41 groups, 2 ranks x 4 groups per step: the epoch's last step holds one group, so one rank has
+    no pair and no metric at all. The ranks agree on the metric keys before reducing them (unequal
+    reductions would hang) and the step's record holds the one pair's metrics."""
+    config = write_config(tmp_path, max_samples=41, max_steps=-1, num_train_epochs=1, save_steps=None,
+                          torch_num_threads=1, gradient_accumulation_steps=1)
+    launch_two("-m", "prefixpo.cli", "train", "--config", str(config))
+    train = records(tmp_path / "run")
+    assert [r["pairs"] for r in train] == [8.0] * 5 + [1.0]
+    assert "rewards/margins" in train[-1] and train[-1]["rewards/accuracies"] in (0.0, 1.0)
+
+
+def test_warm_up_with_a_precomputed_reference_and_ranked_groups(tmp_path):
+    """The warm-up's filler rows are no group of the data: a precomputed reference (which knows only
+    the data's groups, here of 3 ranked responses) gives them zeros instead of another group's sums."""
+    rng = random.Random(1)
+    words = "gray cup gold owl hat bee key hen lamp goat".split()
+    data = tmp_path / "ranked.jsonl"
+    with data.open("w") as f:
+        for _ in range(24):
+            responses = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 9))) + f" {k}" for k in range(3)]
+            f.write(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(3, 30))),
+                                "responses": responses, "scores": [3, 2, 1]}) + "\n")
+    config = write_config(tmp_path, dataset=str(data), max_samples=None, max_steps=3, save_steps=None,
+                          torch_compile=True, reference_mode="precomputed")
+    assert main(["train", "--config", str(config)]) == 0
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 
 from prefixpo.layout import Group
@@ -66,12 +67,16 @@ def model_dims(model: nn.Module) -> dict[str, int]:
     """Non-embedding parameters and the shapes that attention and output-layer FLOPs need."""
     cfg = getattr(model.config, "text_config", None) or model.config
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+    def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partition holds 0 elements; ds_numel is the whole
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    total = sum(numel(p) for p in model.parameters())  # tied weights counted once
     heads = cfg.num_attention_heads
-    return {"params_nonembedding": total - embed.numel() - (0 if head is embed else head.numel()),
+    return {"params_nonembedding": total - numel(embed) - (0 if head is embed else numel(head)),
             "layers": cfg.num_hidden_layers, "heads": heads,
             "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-            "vocab": head.shape[0], "hidden": head.shape[1]}
+            "vocab": cfg.vocab_size, "hidden": cfg.hidden_size}
 
 
 def causal_pairs(n: int) -> int:
@@ -105,6 +110,18 @@ def forward_flops(dims: dict[str, int], group: Group, shared: bool = True) -> fl
     return (2 * dims["params_nonembedding"] * tokens
             + 4 * dims["layers"] * dims["heads"] * dims["head_dim"] * attention_pairs(group, shared)
             + 2 * dims["vocab"] * dims["hidden"] * scored)
+
+
+def summed_over_ranks(accelerator: Any, sums: dict[str, float]) -> dict[str, float]:
+    """``sums`` added up over the ranks, key by key. The ranks agree on the keys first (a rank whose
+    steps had no pair holds no metric, and adds 0), so every rank reduces a tensor of one size."""
+    keys = sorted(sums)
+    if accelerator.num_processes > 1:
+        keys = sorted(set().union(*gather_object([keys])))
+    if not keys:
+        return {}
+    values = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(values, "sum").tolist()))
 
 
 @dataclass

@@ -249,8 +249,8 @@ def tied_aliases(model: nn.Module) -> set[str]:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of ``model`` (instances of transformers' ``_no_split_modules`` classes)."""
-    names = set(getattr(unwrap(model), "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or [])  # FSDP2 subclasses them: the MRO
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
 def compile_layers(model: nn.Module, max_shapes: int = 64) -> int:

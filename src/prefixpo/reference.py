@@ -28,6 +28,7 @@ from prefixpo.guards import TrainingError
 from prefixpo.layout import Batch, Group
 from prefixpo.logprobs import DEFAULT_CHUNK_SIZE, ResponseLogps
 from prefixpo.losses import loss_requires_reference
+from prefixpo.metrics import summed_over_ranks
 from prefixpo.modeling import compute_logps, is_config_file, load_model, unwrap, weights_dtype
 from prefixpo.packing import batch_rows
 from prefixpo.samples import adapters_off, attach
@@ -333,10 +334,7 @@ def check_start_agreement(metrics: dict[str, float], beta: float, accelerator) -
     """Stop a run whose policy and reference, loaded from the same weights, already disagree at step 1:
     the attention, sharding or precision path differs between the two, and training would optimise
     that difference instead of the preference loss."""
-    keys = sorted(metrics)
-    sums = accelerator.reduce(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
-                                           device=accelerator.device), "sum").tolist()
-    gap = reference_disagreement(dict(zip(keys, sums)), beta)
+    gap = reference_disagreement(summed_over_ranks(accelerator, metrics), beta)
     if gap is not None and gap > START_AGREEMENT:
         raise TrainingError(
             f"at step 1 the policy and the reference model, loaded from the same weights, disagree by "

@@ -48,6 +48,7 @@ from prefixpo.engine.fsdp import FSDPEngine
 from prefixpo.engine.plain import Engine
 from prefixpo.guards import Divergence, StopSignals, TrainingError, written_whole
 from prefixpo.layout import Batch, Group, round_up
+from prefixpo.logprobs import ResponseLogps
 from prefixpo.losses import get_loss
 from prefixpo.metrics import (
     Window,
@@ -55,6 +56,7 @@ from prefixpo.metrics import (
     memory,
     model_dims,
     peak_flops,
+    summed_over_ranks,
     synchronize,
     truncate_metrics,
     write_metrics,
@@ -190,9 +192,9 @@ def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Gr
         return None, None
     longest = max(group_lengths(train_groups + eval_groups, cfg))
     capacity = cfg.packing_capacity
-    if capacity == "auto":
-        capacity = round_up(max(cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size if eval_groups
-                                else 1) * longest, 128)
+    if capacity == "auto":  # from the training batch: evaluation packs into as many rows as it needs
+        capacity = round_up(max(cfg.per_device_train_batch_size * max(group_lengths(train_groups, cfg)), longest),
+                            128)
     elif longest > capacity:
         raise ConfigError(f"config key `packing_capacity`: a group of {longest} tokens does not fit in {capacity}; "
                           "raise it or lower max_length")
@@ -334,15 +336,17 @@ def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> Sc
     model = engine.apply_attention(engine.place(model))
     if engine.accelerator.is_main_process and cfg.stage == "preference" and (note := router_loss_note(model.config)):
         print(note, file=sys.stderr)
-    if compiles(cfg, engine.device):
+    if compiles(cfg, engine):
         compile_layers(model)
     return ScoredLM(model)
 
 
-def compiles(cfg: TrainConfig, device: torch.device) -> bool:
+def compiles(cfg: TrainConfig, engine: Engine) -> bool:
     """Whether the decoder layers are compiled: ``torch_compile: auto`` does it on CUDA with packing
-    (rows then come in a few lengths, each compiled before step 1)."""
-    return cfg.torch_compile is True or (cfg.torch_compile == "auto" and device.type == "cuda" and cfg.packing)
+    (rows then come in a few lengths, each compiled before step 1), except under DeepSpeed, whose
+    parameter hooks the compiler traces into and recompiles for."""
+    return cfg.torch_compile is True or (cfg.torch_compile == "auto" and engine.device.type == "cuda"
+                                         and cfg.packing and engine.name != "deepspeed")
 
 
 def setup_optimizer(cfg: TrainConfig, engine: Engine, policy: torch.nn.Module,
@@ -372,7 +376,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
     policy, optimizer, scheduler = setup_optimizer(cfg, engine, policy, total_steps)
     run = Run(cfg, accelerator, engine, tokenizer, train_groups, eval_groups, policy, optimizer, scheduler,
-              steps_per_epoch, total_steps, capacity, buckets, compiles(cfg, engine.device))
+              steps_per_epoch, total_steps, capacity, buckets, compiles(cfg, engine))
     if cfg.stage == "preference":
         run.loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs())
     run.train_ref, run.eval_ref, run.ref_mode = build_reference(cfg, engine, train_groups, eval_groups)
@@ -460,6 +464,9 @@ def log(run: Run, record: dict[str, Any]) -> None:
                                 step=record["step"])
 
 
+COUNT = " count"  # evaluate's pair (or token) count among its sums; no metric is named so
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
     """The eval loss (and, for preference losses, the mean of every per-pair metric) over the eval
@@ -476,13 +483,9 @@ def evaluate(run: Run) -> dict[str, float]:
             sums[k] = sums.get(k, 0.0) + v.double()
         count += result.count
     policy.train(was_training)
-    keys = sorted(sums)
-    totals = torch.tensor([0.0] * len(keys) + [count], dtype=torch.float64, device=run.device)
-    if keys:
-        totals[:-1] = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=run.device) for k in keys])
-    totals = run.accelerator.reduce(totals, reduction="sum")
-    n = totals[-1].item()
-    return {k: totals[i].item() / n for i, k in enumerate(keys)} if n else {}
+    totals = summed_over_ranks(run.accelerator, {**{k: float(v) for k, v in sums.items()}, COUNT: count})
+    n = totals.pop(COUNT)
+    return {k: v / n for k, v in totals.items()} if n else {}
 
 
 def run_eval(run: Run, at_step: int) -> dict[str, float]:
@@ -490,10 +493,11 @@ def run_eval(run: Run, at_step: int) -> dict[str, float]:
     result = evaluate(run)
     run.last_eval = {**result, "step": at_step}
     log(run, {"step": at_step, "stage": run.cfg.stage, "split": "eval", **result})
-    if run.cfg.generate_during_eval:  # every rank: a sharded model generates on all of them
-        eval_samples(run.policy, run.eval_ref, run.tokenizer,
-                     [g.prompt_ids for g in run.eval_groups[: run.cfg.num_generations]], at_step, run.cfg,
-                     run.accelerator, run.out)
+    if run.cfg.generate_during_eval:  # every rank: a sharded model generates on all of them; generation's
+        with torch.compiler.set_stance("force_eager"):  # new lengths run the layers uncompiled
+            eval_samples(run.policy, run.eval_ref, run.tokenizer,
+                         [g.prompt_ids for g in run.eval_groups[: run.cfg.num_generations]], at_step, run.cfg,
+                         run.accelerator, run.out)
     run.window.pause(time.perf_counter() - started)  # throughput counts training time only
     return result
 
@@ -501,9 +505,7 @@ def run_eval(run: Run, at_step: int) -> dict[str, float]:
 def log_window(run: Run, grad_norm: float) -> dict[str, Any]:
     """The train record of the steps since the last one, to metrics.jsonl, the trackers and the bar."""
     cfg, window = run.cfg, run.window
-    keys = sorted(window.metrics)
-    sums = run.accelerator.reduce(torch.tensor([window.metrics[k] for k in keys], dtype=torch.float64,
-                                               device=run.device), "sum")
+    sums = summed_over_ranks(run.accelerator, window.metrics)
     seconds = time.perf_counter() - window.started
     unit = "tokens" if cfg.stage == "sft" else "pairs"
     record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "stage": cfg.stage,
@@ -516,7 +518,7 @@ def log_window(run: Run, grad_norm: float) -> dict[str, Any]:
                  if run.peak_flops else {}),
               **({"recompiles": compiled_graphs() - run.graphs} if run.graphs is not None else {}),
               "elapsed_s": round(process_age(), 2),
-              **{k: sums[i].item() / window.count for i, k in enumerate(keys)}}
+              **{k: v / window.count for k, v in sums.items()}}
     log(run, record)
     run.window = Window()
     return record
@@ -589,17 +591,26 @@ def warm_up(run: Run) -> None:
             print(f"compiling: row length {length} ({k + 1}/{len(rows)}), "
                   f"{time.perf_counter() - started:.0f}s so far", file=sys.stderr)
         dummy = [filler_group(length, run.cfg, share)]
-        forward_backward(run, [[[0]]], dummy, run.train_ref)
+        # a precomputed reference knows only the data's groups: the filler gets zeros (no model runs)
+        train_ref, eval_ref = (zero_reference, zero_reference) if run.ref_mode == "precomputed" else \
+            (run.train_ref, run.eval_ref)
+        forward_backward(run, [[[0]]], dummy, train_ref)
         if run.eval_groups:
             run.policy.eval()
             with torch.no_grad():
-                forward_backward(run, [[[0]]], dummy, run.eval_ref, train=False)
+                forward_backward(run, [[[0]]], dummy, eval_ref, train=False)
             run.policy.train()
         run.engine.zero_grad()
     synchronize(run.device)
     set_rng_state(state)
     if run.main:
         print(f"compiled {len(run.buckets)} row lengths in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+
+
+def zero_reference(batch: Batch, masks: object) -> ResponseLogps:
+    """Reference log-probs of 0 for every response of ``batch`` (the warm-up's stand-in)."""
+    zeros = torch.zeros(batch.response_lengths.shape, device=batch.response_lengths.device)
+    return ResponseLogps(sums=zeros, means=zeros, counts=batch.response_lengths, token_logps=zeros.new_zeros(0))
 
 
 def filler_group(length: int, cfg: TrainConfig, share: int = 4) -> Group:
