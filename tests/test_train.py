@@ -556,7 +556,7 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys):
     data = varied_pairs(tmp_path / "pairs.jsonl")
     config = write_config(tmp_path, model_name_or_path=str(model_dir), dataset=str(data), max_length=256,
                           max_samples=None, per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                          max_steps=12, save_steps=None, torch_compile=True, packing_num_buckets=3,
+                          max_steps=12, save_steps=None, torch_compile=True, packing=True, packing_num_buckets=3,
                           eval_dataset=str(data), eval_steps=6)
     assert main(["train", "--config", str(config)]) == 0
     err = capsys.readouterr().err
@@ -591,6 +591,6 @@ def test_warm_up_with_a_precomputed_reference_and_ranked_groups(tmp_path):
             f.write(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(3, 30))),
                                 "responses": responses, "scores": [3, 2, 1]}) + "\n")
     config = write_config(tmp_path, dataset=str(data), max_samples=None, max_steps=3, save_steps=None,
-                          torch_compile=True, reference_mode="precomputed")
+                          torch_compile=True, packing=True, reference_mode="precomputed")
     assert main(["train", "--config", str(config)]) == 0
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3]

@@ -117,7 +117,9 @@ class TrainConfig:
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (needs bitsandbytes, CUDA and use_peft)
     # prefixpo
     prefix_sharing: bool = True
-    packing: bool = True
+    # auto: pack where the attention is FlexAttention (CUDA), whose mask skips the blocks between
+    # packed groups; a dense mask (CPU, attention_backend sdpa) costs a packed row its length squared
+    packing: bool | str = "auto"
     packing_capacity: int | str = "auto"  # auto: micro-batch size x the longest group, in multiples of 128
     packing_num_buckets: int = 4  # packed row lengths, from the data (each a compiled shape)
     attention_backend: str = "auto"
@@ -217,9 +219,11 @@ class TrainConfig:
                                                 or not isinstance(self.packing_capacity, int)
                                                 or self.packing_capacity < 128 or self.packing_capacity % 128):
             raise _bad("packing_capacity", f"must be auto or a positive multiple of 128, got {self.packing_capacity!r}")
+        if self.packing not in (True, False, "auto"):
+            raise _bad("packing", f"must be true, false or auto, got {self.packing!r}")
         if self.torch_compile not in (True, False, "auto"):
             raise _bad("torch_compile", f"must be true, false or auto, got {self.torch_compile!r}")
-        if self.packing and self.packing_capacity != "auto" and self.packing_capacity < self.max_length:
+        if self.packing is not False and self.packing_capacity != "auto" and self.packing_capacity < self.max_length:
             raise _bad("packing_capacity", f"({self.packing_capacity}) must be at least max_length "
                        f"({self.max_length}), so every group fits in a row")
 

@@ -68,6 +68,7 @@ from prefixpo.modeling import (
     compiled_graphs,
     is_config_file,
     load_model,
+    resolve_backend,
     weights_dtype,
 )
 from prefixpo.packing import (
@@ -182,13 +183,20 @@ def epoch_plan(groups: list[Group], cfg: TrainConfig, epoch: int, world: int, ra
                       world_size=world, rank=rank)
 
 
-def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Group],
-               world: int) -> tuple[int | None, list[int] | None]:
+def packs(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether groups are packed: ``packing: auto`` packs where the attention runs through
+    FlexAttention (CUDA), whose mask skips the blocks between packed groups; with a dense mask (CPU,
+    ``attention_backend: sdpa``) a packed row's attention costs its length squared."""
+    return cfg.packing is True or (cfg.packing == "auto" and resolve_backend(cfg.attention_backend, device) == "flex")
+
+
+def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Group], world: int,
+               packed: bool = True) -> tuple[int | None, list[int] | None]:
     """``(capacity, row lengths)`` of packed rows, or ``(None, None)`` unpacked. ``packing_capacity:
     auto`` is the micro-batch size times the longest group (so a row holds no more tokens than
     TRL's micro-batch of the longest groups, padded); the row lengths are ``packing_num_buckets``
     quantiles of the first epoch's rows (``packing.data_buckets``), the capacity the last of them."""
-    if not cfg.packing:
+    if not packed:
         return None, None
     longest = max(group_lengths(train_groups + eval_groups, cfg))
     capacity = cfg.packing_capacity
@@ -346,7 +354,7 @@ def compiles(cfg: TrainConfig, engine: Engine) -> bool:
     (rows then come in a few lengths, each compiled before step 1), except under DeepSpeed, whose
     parameter hooks the compiler traces into and recompiles for."""
     return cfg.torch_compile is True or (cfg.torch_compile == "auto" and engine.device.type == "cuda"
-                                         and cfg.packing and engine.name != "deepspeed")
+                                         and packs(cfg, engine.device) and engine.name != "deepspeed")
 
 
 def setup_optimizer(cfg: TrainConfig, engine: Engine, policy: torch.nn.Module,
@@ -369,7 +377,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     tokenizer = load_tokenizer(cfg)
     train_groups = load_data(cfg, tokenizer)
     eval_groups = load_data(cfg, tokenizer, evaluation=True) if cfg.eval_dataset else []
-    capacity, buckets = row_layout(cfg, train_groups, eval_groups, accelerator.num_processes)
+    capacity, buckets = row_layout(cfg, train_groups, eval_groups, accelerator.num_processes,
+                                   packs(cfg, accelerator.device))
     policy = setup_model(cfg, engine, checkpoint)
     steps_per_epoch = len(epoch_plan(train_groups, cfg, 0, accelerator.num_processes, accelerator.process_index,
                                      capacity))
