@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,19 +103,6 @@ def finish_checkpoint(output_dir: Path, step: int, state: dict[str, Any], save_t
     for old in list_checkpoints(output_dir)[:-save_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    state: dict[str, Any], save_total_limit: int,
-                    state_dict: dict[str, torch.Tensor] | None = None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
-    """Write ``checkpoint-STEP`` atomically and drop the oldest beyond ``save_total_limit``;
-    ``extra(directory)`` writes further files into it before the manifest."""
-    tmp = start_checkpoint(output_dir, step)
-    save_model(model, tokenizer, tmp, state_dict)
-    if extra is not None:
-        extra(tmp)
-    return finish_checkpoint(output_dir, step, state, save_total_limit)
 
 
 def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:

@@ -282,22 +282,32 @@ def plan_epoch(lengths: Sequence[int], *, seed: int, epoch: int, packing: Packin
     >>> plan_epoch([5, 3, 4, 2], seed=0, epoch=0, packing=PackingConfig(capacity=128), micro_batch_size=4)
     [[[[0, 2, 1, 3]]]]
     """
+    return plan_epoch_ranks(lengths, seed=seed, epoch=epoch, packing=packing, micro_batch_size=micro_batch_size,
+                            gradient_accumulation_steps=gradient_accumulation_steps, world_size=world_size)[rank]
+
+
+def plan_epoch_ranks(lengths: Sequence[int], *, seed: int, epoch: int, packing: PackingConfig | None,
+                     micro_batch_size: int = 1, gradient_accumulation_steps: int = 1,
+                     world_size: int = 1) -> list[list[Step]]:
+    """Every rank's steps of ``plan_epoch``, planned once: ``plans[rank][step]``. (A rank's plan
+    depends on the others': packed, every rank runs as many micro-batches as the one with the most.)"""
     epoch_seed = seed * 100_003 + epoch
     order = list(range(len(lengths)))
     random.Random(epoch_seed).shuffle(order)
     per_step = micro_batch_size * gradient_accumulation_steps * world_size
-    steps = []
+    plans: list[list[Step]] = [[] for _ in range(world_size)]
     for start in range(0, len(order), per_step):
         ranks = split_rows_over_ranks([[i] for i in order[start:start + per_step]], lengths, world_size,
                                       seed=epoch_seed + start)
         if packing is None:
-            mine = ranks[rank]
-            steps.append([mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)])
+            for plan, mine in zip(plans, ranks):
+                plan.append([mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)])
             continue
         rows = [pack_rows([i for row in r for i in row], lengths, packing.capacity) for r in ranks]
         most = max(len(r) for r in rows)
-        steps.append([[row] for row in rows[rank] + [[] for _ in range(most - len(rows[rank]))]])
-    return steps
+        for plan, mine in zip(plans, rows):
+            plan.append([[row] for row in mine + [[] for _ in range(most - len(mine))]])
+    return plans
 
 
 def data_buckets(used: Sequence[int], capacity: int, num_buckets: int) -> list[int]:

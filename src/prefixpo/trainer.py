@@ -77,7 +77,7 @@ from prefixpo.packing import (
     batch_rows,
     data_buckets,
     packing_stats,
-    plan_epoch,
+    plan_epoch_ranks,
 )
 from prefixpo.pairs import PairConfig, batch_pair_indices
 from prefixpo.plot import plot_quietly
@@ -171,16 +171,22 @@ def group_lengths(groups: list[Group], cfg: TrainConfig) -> list[int]:
     return [g.num_tokens if cfg.prefix_sharing else g.num_separate_tokens for g in groups]
 
 
-def epoch_plan(groups: list[Group], cfg: TrainConfig, epoch: int, world: int, rank: int, capacity: int | None,
-               train: bool = True) -> list[Step]:
-    """This rank's steps of an epoch (``packing.plan_epoch``): TRL's batch of groups per step, packed
-    into rows of ``capacity`` tokens (None: unpacked)."""
+def epoch_plans(groups: list[Group], cfg: TrainConfig, epoch: int, world: int, capacity: int | None,
+                train: bool = True) -> list[list[Step]]:
+    """Every rank's steps of an epoch (``packing.plan_epoch_ranks``): TRL's batch of groups per step,
+    packed into rows of ``capacity`` tokens (None: unpacked)."""
     packing = PackingConfig(capacity=capacity) if capacity else None
     per_micro = cfg.per_device_train_batch_size if train else cfg.per_device_eval_batch_size
-    return plan_epoch(group_lengths(groups, cfg), seed=cfg.seed, epoch=epoch if train else 0, packing=packing,
-                      micro_batch_size=per_micro,
-                      gradient_accumulation_steps=cfg.gradient_accumulation_steps if train else 1,
-                      world_size=world, rank=rank)
+    return plan_epoch_ranks(group_lengths(groups, cfg), seed=cfg.seed, epoch=epoch if train else 0, packing=packing,
+                            micro_batch_size=per_micro,
+                            gradient_accumulation_steps=cfg.gradient_accumulation_steps if train else 1,
+                            world_size=world)
+
+
+def epoch_plan(groups: list[Group], cfg: TrainConfig, epoch: int, world: int, rank: int, capacity: int | None,
+               train: bool = True) -> list[Step]:
+    """This rank's steps of an epoch (``epoch_plans``)."""
+    return epoch_plans(groups, cfg, epoch, world, capacity, train)[rank]
 
 
 def packs(cfg: TrainConfig, device: torch.device) -> bool:
@@ -193,9 +199,10 @@ def packs(cfg: TrainConfig, device: torch.device) -> bool:
 def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Group], world: int,
                packed: bool = True) -> tuple[int | None, list[int] | None]:
     """``(capacity, row lengths)`` of packed rows, or ``(None, None)`` unpacked. ``packing_capacity:
-    auto`` is the micro-batch size times the longest group (so a row holds no more tokens than
-    TRL's micro-batch of the longest groups, padded); the row lengths are ``packing_num_buckets``
-    quantiles of the first epoch's rows (``packing.data_buckets``), the capacity the last of them."""
+    auto`` is the training micro-batch size times the longest training group, at least the longest
+    eval group (so a training row holds no more tokens than TRL's micro-batch of the longest groups,
+    padded); the row lengths are ``packing_num_buckets`` quantiles of the first epoch's rows of every
+    rank (``packing.data_buckets``), the capacity the last of them."""
     if not packed:
         return None, None
     longest = max(group_lengths(train_groups + eval_groups, cfg))
@@ -207,8 +214,8 @@ def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Gr
         raise ConfigError(f"config key `packing_capacity`: a group of {longest} tokens does not fit in {capacity}; "
                           "raise it or lower max_length")
     lengths = group_lengths(train_groups, cfg)
-    used = [sum(lengths[i] for i in row) for r in range(world)
-            for step in epoch_plan(train_groups, cfg, 0, world, r, capacity) for mb in step for row in mb]
+    used = [sum(lengths[i] for i in row) for plan in epoch_plans(train_groups, cfg, 0, world, capacity)
+            for step in plan for mb in step for row in mb]
     return capacity, data_buckets(used, capacity, cfg.packing_num_buckets)
 
 
