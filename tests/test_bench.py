@@ -108,15 +108,23 @@ def test_bench_cli_all_modes_agree(tmp_path):
     assert main(["bench", "--table-from", str(out)]) == 0
 
 
-def test_attention_microbenchmark_cpu_smoke(tmp_path):
+def test_attention_microbenchmark_cpu_smoke(tmp_path, monkeypatch):
+    from prefixpo.bench import attention
+
+    monkeypatch.setattr(attention, "GROUP", 32)  # two documents / groups in a row of 64
     out = tmp_path / "attention.jsonl"
     assert main(["bench", "--attention", "--device", "cpu", "--lengths", "64", "--repeats", "1",
                  "--json", str(out)]) == 0
     rows = list(map(json.loads, out.read_text().splitlines()))
     assert {(r["mask"], r["method"]) for r in rows} == {
-        ("causal", "flex"), ("causal", "sdpa-flash"), ("causal", "sdpa-dense"),
-        ("shared-prefix", "flex"), ("shared-prefix", "sdpa-dense")}
+        ("causal", "flex"), ("causal", "sdpa-flash"), ("causal", "sdpa-dense"), ("causal", "varlen"),
+        ("packed-causal", "flex"), ("packed-causal", "sdpa-dense"), ("packed-causal", "varlen"),
+        ("shared-prefix", "flex"), ("shared-prefix", "sdpa-dense"), ("shared-prefix", "varlen")}
+    # every method, varlen's sequences mapped back to the row included, against the fp32 dense path
     assert all(r["out_max_abs_err"] < 1e-4 and r["grad_max_abs_err"] < 1e-4 for r in rows if r["method"] != "flex")
     assert all(r["out_max_abs_err"] < 1e-4 for r in rows)
-    shared = next(r for r in rows if r["mask"] == "shared-prefix")
-    assert shared["allowed_pairs"] < next(r for r in rows if r["mask"] == "causal")["allowed_pairs"]
+    pairs = {r["mask"]: r["allowed_pairs"] for r in rows}
+    assert pairs["shared-prefix"] < pairs["packed-causal"] < pairs["causal"] == 64 * 65 // 2
+    assert pairs["packed-causal"] == 2 * 32 * 33 // 2
+    tokens = {(r["mask"], r["method"]): r["tokens"] for r in rows}
+    assert tokens["shared-prefix", "varlen"] == 96 and tokens["shared-prefix", "flex"] == 64  # prompts copied

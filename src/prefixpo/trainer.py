@@ -358,7 +358,7 @@ def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> Sc
 
 def compiles(cfg: TrainConfig, engine: Engine) -> bool:
     """Whether the decoder layers are compiled: ``torch_compile: auto`` does it on CUDA with packing
-    (rows then come in a few lengths, each compiled before step 1), except under DeepSpeed, whose
+    (rows then come in a few lengths, all run before step 1), except under DeepSpeed, whose
     parameter hooks the compiler traces into and recompiles for."""
     return cfg.torch_compile is True or (cfg.torch_compile == "auto" and engine.device.type == "cuda"
                                          and packs(cfg, engine.device) and engine.name != "deepspeed")
@@ -592,7 +592,9 @@ def stop_for_signal(run: Run, received: int, bar: Any) -> None:
 
 def warm_up(run: Run) -> None:
     """Compile every shape before step 1, so no step after it waits for a compile: one training
-    step's forward and backward (and the evaluation's forward) on a row of each packed row length,
+    step's forward and backward (and the evaluation's forward) on a row of each packed row length
+    (the layers' graph has a symbolic length and compiles at the first; the rest checks that
+    nothing else recompiles for a length),
     in training mode, the gradients then dropped and the RNG state put back. The rows' scored
     tokens differ from length to length (and twice at the first), so the output layer's kernels
     are compiled for any count. DeepSpeed's engine cannot drop gradients between steps: under it
