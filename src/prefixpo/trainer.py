@@ -699,7 +699,8 @@ def train_loop(run: Run) -> None:
                 if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
                     record = log_window(run, grad_norm)
                     unit = "tokens" if cfg.stage == "sft" else "pairs"
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{unit}/s": f"{record[f'{unit}_per_s']:.1f}"})
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{unit}/s": f"{record[f'{unit}_per_s']:.1f}"},
+                                    **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
                 if run.eval_groups and cfg.eval_steps and run.step % cfg.eval_steps == 0:
                     run_eval(run, run.step)
                 if cfg.save_steps and run.step % cfg.save_steps == 0:

@@ -58,6 +58,7 @@ HEADS, HEAD_DIM = 16, 64
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
 GROUP = 2048  # tokens per document or group of the packed masks (the CPU test makes it small)
 MASKS = ("causal", "packed-causal", "shared-prefix")
+COLORS = {"flex": "tab:blue", "varlen": "tab:orange", "sdpa-flash": "tab:green", "sdpa-dense": "tab:red"}
 
 
 def shared_prefix_layout(length: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,10 +292,10 @@ def plot(rows: list[dict], path: str) -> str | None:
     for col, mask in enumerate(MASKS):
         for row, (key, what) in enumerate((("fwd_ms", "forward"), ("fwd_bwd_ms", "forward+backward"))):
             ax = axes[row][col]
-            for method in ("flex", "varlen", "sdpa-flash", "sdpa-dense"):
+            for method, color in COLORS.items():
                 pts = [(r["length"], r[key]) for r in rows if r["mask"] == mask and r["method"] == method and r[key]]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=method)
+                    ax.plot(*zip(*pts), marker="o", label=method, color=color)
             ax.set(xscale="log", yscale="log", title=f"{mask}: {what}")
             if row == 1:
                 ax.set_xlabel("tokens in the row")
