@@ -599,3 +599,22 @@ def test_warm_up_with_a_precomputed_reference_and_ranked_groups(tmp_path):
                           torch_compile=True, packing=True, reference_mode="precomputed")
     assert main(["train", "--config", str(config)]) == 0
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_the_step_profiler_script_profiles_a_running_train(tmp_path):
+    """``scripts/gpu_profile_train.py`` (docs/benchmarks.md) hooks the trainer's ``forward_backward``
+    to profile the steps it names of a real ``prefixpo train`` run (on CPU: host ops only), and
+    says so in one line when the run ends before them."""
+    config = write_config(tmp_path, max_steps=6, save_steps=None, max_samples=48)
+    script = [sys.executable, str(ROOT / "scripts" / "gpu_profile_train.py"), "--config", str(config)]
+    out = tmp_path / "prof"
+    proc = subprocess.run([*script, "--steps", "2:4", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == [2, 4] and summary["wall_ms_per_step"] > 0 and summary["device"] == "cpu"
+    assert "aten::" in (out / "top_host_ops.txt").read_text() and (out / "trace.json.gz").stat().st_size > 0
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]) == 6
+    late = subprocess.run([*script, "--steps", "8:10", "--out", str(tmp_path / "late")], capture_output=True,
+                          text=True, timeout=300)
+    assert late.returncode != 0 and late.stderr.strip().splitlines()[-1] == \
+        "the run ended (rc 0) before step 10: lower --steps"
