@@ -150,3 +150,23 @@ def test_auto_capacity_comes_from_the_training_batch_not_the_eval_batch():
     assert row_layout(cfg, train, [], world=1)[0] == 896
     capacity, buckets = row_layout(cfg, train, longer_eval, world=1)
     assert capacity == 1152 and buckets[-1] == 1152
+
+
+def test_packing_stats_pads_to_a_multiple_without_buckets():
+    from prefixpo.layout import Group
+
+    groups = [Group([1] * 100, [[2] * 10, [3] * 20]), Group([1] * 300, [[2] * 40, [3] * 50])]  # 130 and 390 tokens
+    rows = [[0], [1]]
+    config = PackingConfig(capacity=1024)
+    assert packing_stats(groups, rows, config, [256, 1024]).padded_tokens == 256 + 1024
+    assert packing_stats(groups, rows, config, [256, 1024], multiple_of=128).padded_tokens == 256 + 512
+    assert packing_stats(groups, rows, config, multiple_of=8).padded_tokens == 136 + 392
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "4"])
+def test_packing_num_buckets_must_be_a_count(value):
+    from prefixpo.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="`packing_num_buckets`: must be a number of row lengths, or 0 for rows "
+                                          "padded to any multiple of 128"):
+        TrainConfig(model_name_or_path="m", dataset="d.jsonl", packing_num_buckets=value).validate()

@@ -572,6 +572,23 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys):
     assert len(lengths) >= 2 and err.count("compiling: row length") == len(lengths) + 1
 
 
+
+def test_rows_of_any_length_run_the_compiled_layers_without_a_recompile(tmp_path, capsys):
+    """``packing_num_buckets: 0``: packed rows are padded only to a multiple (8 on CPU), so the run
+    meets many row lengths; the layers' one graph has a symbolic length, the warm-up runs a few
+    lengths, and no graph is compiled after step 1."""
+    data = varied_pairs(tmp_path / "pairs.jsonl")
+    config = write_config(tmp_path, dataset=str(data), max_length=256, max_samples=None,
+                          per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=12,
+                          save_steps=None, torch_compile=True, packing=True, packing_num_buckets=0)
+    assert main(["train", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    warmed = int(re.search(r"compiled (\d+) row lengths", err).group(1))
+    assert "row lengths any multiple of 8" in err and warmed >= 2 and err.count("compiling: row length") == warmed + 1
+    train = [r for r in records(tmp_path / "run") if r["split"] == "train"]
+    assert [r["recompiles"] for r in train] == [0] * 12
+    assert len({-(-r["rank_tokens"][0] // 8) for r in train}) >= 6  # rows of many lengths
+
 def test_a_rank_without_pairs_in_the_last_step_still_logs_with_the_others(tmp_path):
     """41 groups, 2 ranks x 4 groups per step: the epoch's last step holds one group, so one rank has
     no pair and no metric at all. The ranks agree on the metric keys before reducing them (unequal

@@ -213,10 +213,10 @@ class PackingStats:
 
 
 def packing_stats(groups: Sequence[Group], rows: Sequence[Sequence[int]], config: PackingConfig,
-                  buckets: Sequence[int] | None = None) -> PackingStats:
-    """How full ``rows`` are; rows padded to the smallest of ``buckets`` (default: evenly spaced
-    lengths up to the capacity) that holds them."""
-    buckets = buckets or bucket_lengths(config.capacity, config.num_buckets)
+                  buckets: Sequence[int] | None = None, multiple_of: int = 0) -> PackingStats:
+    """How full ``rows`` are; rows padded to a multiple of ``multiple_of`` when it is set, else to the
+    smallest of ``buckets`` (default: evenly spaced lengths up to the capacity) that holds them."""
+    buckets = [] if multiple_of else buckets or bucket_lengths(config.capacity, config.num_buckets)
     used = [sum(groups[i].num_tokens for i in row) for row in rows]
     return PackingStats(
         num_groups=sum(len(r) for r in rows),
@@ -224,7 +224,8 @@ def packing_stats(groups: Sequence[Group], rows: Sequence[Sequence[int]], config
         tokens=sum(used),
         separate_tokens=sum(groups[i].num_separate_tokens for row in rows for i in row),
         capacity=config.capacity,
-        padded_tokens=sum(row_length(u, buckets) for u in used if u),
+        padded_tokens=sum(-(-u // multiple_of) * multiple_of if multiple_of else row_length(u, buckets)
+                          for u in used if u),
     )
 
 

@@ -121,7 +121,7 @@ class TrainConfig:
     # packed groups; a dense mask (CPU, attention_backend sdpa) costs a packed row its length squared
     packing: bool | str = "auto"
     packing_capacity: int | str = "auto"  # auto: micro-batch size x the longest group, in multiples of 128
-    packing_num_buckets: int = 4  # packed row lengths, from the data (each a compiled shape)
+    packing_num_buckets: int = 4  # packed row lengths, from the data; 0: any multiple of 128
     attention_backend: str = "auto"
     logps_chunk_size: int = 1024
     # output, logging, evaluation
@@ -213,8 +213,10 @@ class TrainConfig:
 
     def _check_packing(self) -> None:
         """Packed rows and their compilation: buckets, capacity, torch_compile."""
-        if self.packing_num_buckets < 1:
-            raise _bad("packing_num_buckets", f"must be at least 1, got {self.packing_num_buckets}")
+        if isinstance(self.packing_num_buckets, bool) or not isinstance(self.packing_num_buckets, int) \
+                or self.packing_num_buckets < 0:
+            raise _bad("packing_num_buckets", "must be a number of row lengths, or 0 for rows padded to any multiple "
+                       f"of 128, got {self.packing_num_buckets!r}")
         if self.packing_capacity != "auto" and (isinstance(self.packing_capacity, bool)
                                                 or not isinstance(self.packing_capacity, int)
                                                 or self.packing_capacity < 128 or self.packing_capacity % 128):

@@ -202,7 +202,8 @@ def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Gr
     auto`` is the training micro-batch size times the longest training group, at least the longest
     eval group (so a training row holds no more tokens than TRL's micro-batch of the longest groups,
     padded); the row lengths are ``packing_num_buckets`` quantiles of the first epoch's rows of every
-    rank (``packing.data_buckets``), the capacity the last of them."""
+    rank (``packing.data_buckets``), the capacity the last of them (with ``packing_num_buckets: 0``,
+    4 such lengths, which the warm-up runs while rows take any multiple of 128)."""
     if not packed:
         return None, None
     longest = max(group_lengths(train_groups + eval_groups, cfg))
@@ -216,15 +217,20 @@ def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Gr
     lengths = group_lengths(train_groups, cfg)
     used = [sum(lengths[i] for i in row) for plan in epoch_plans(train_groups, cfg, 0, world, capacity)
             for step in plan for mb in step for row in mb]
-    return capacity, data_buckets(used, capacity, cfg.packing_num_buckets)
+    return capacity, data_buckets(used, capacity, cfg.packing_num_buckets or 4)
 
 
 def make_batch(groups: list[Group], rows: list[list[int]], cfg: TrainConfig, device: torch.device,
                buckets: list[int] | None) -> Batch:
     """The batch of ``rows`` (group indices per row), on the host: packed rows padded to the
-    smallest of ``buckets`` that holds them, unpacked ones to a multiple of 128 on CUDA (8 on CPU)."""
+    smallest of ``buckets`` that holds them, others (unpacked, or no buckets) to ``pad_multiple``."""
     return batch_rows(groups, rows, prefix_sharing=cfg.prefix_sharing, buckets=buckets,
-                      pad_to_multiple_of=128 if device.type == "cuda" else 8)
+                      pad_to_multiple_of=pad_multiple(device))
+
+
+def pad_multiple(device: torch.device) -> int:
+    """Rows without a bucket are padded to a multiple of this: FlexAttention's block (128) on CUDA."""
+    return 128 if device.type == "cuda" else 8
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -245,7 +251,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     capacity: int | None = None  # packed rows: at most this many tokens (None: unpacked)
-    buckets: list[int] | None = None  # packed rows' lengths, each a compiled shape
+    buckets: list[int] | None = None  # packed rows' lengths (None: unpacked, or any multiple of pad_multiple)
     compiled: bool = False
     loss_fn: Any = None
     train_ref: ReferenceFn | None = None
@@ -262,6 +268,7 @@ class Run:
     group_flops: list[float] = field(default_factory=list)  # model FLOPs of a step's work on each group
     peak_flops: float | None = None  # of the device, for MFU
     graphs: int | None = None  # graphs compiled when the first step began (recompiles counted from there)
+    warm_lengths: list[int] = field(default_factory=list)  # packed row lengths the warm-up runs
 
     @property
     def out(self) -> Path:
@@ -384,7 +391,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     tokenizer = load_tokenizer(cfg)
     train_groups = load_data(cfg, tokenizer)
     eval_groups = load_data(cfg, tokenizer, evaluation=True) if cfg.eval_dataset else []
-    capacity, buckets = row_layout(cfg, train_groups, eval_groups, accelerator.num_processes,
+    capacity, lengths = row_layout(cfg, train_groups, eval_groups, accelerator.num_processes,
                                    packs(cfg, accelerator.device))
     policy = setup_model(cfg, engine, checkpoint)
     steps_per_epoch = len(epoch_plan(train_groups, cfg, 0, accelerator.num_processes, accelerator.process_index,
@@ -392,7 +399,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
     policy, optimizer, scheduler = setup_optimizer(cfg, engine, policy, total_steps)
     run = Run(cfg, accelerator, engine, tokenizer, train_groups, eval_groups, policy, optimizer, scheduler,
-              steps_per_epoch, total_steps, capacity, buckets, compiles(cfg, engine))
+              steps_per_epoch, total_steps, capacity, lengths if cfg.packing_num_buckets else None,
+              compiles(cfg, engine), warm_lengths=lengths or [])
     if cfg.stage == "preference":
         run.loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs())
     run.train_ref, run.eval_ref, run.ref_mode = build_reference(cfg, engine, train_groups, eval_groups)
@@ -599,11 +607,11 @@ def warm_up(run: Run) -> None:
     tokens differ from length to length (and twice at the first), so the output layer's kernels
     are compiled for any count. DeepSpeed's engine cannot drop gradients between steps: under it
     the first steps compile."""
-    if not (run.compiled and run.buckets) or run.engine.name == "deepspeed":
+    if not (run.compiled and run.warm_lengths) or run.engine.name == "deepspeed":
         return
     started, state = time.perf_counter(), rng_state()
     run.policy.train()  # the layers' graphs depend on the training flag
-    rows = [(length, 4) for length in run.buckets] + [(run.buckets[0], 8)]
+    rows = [(length, 4) for length in run.warm_lengths] + [(run.warm_lengths[0], 8)]
     for k, (length, share) in enumerate(rows):
         if run.main:
             print(f"compiling: row length {length} ({k + 1}/{len(rows)}), "
@@ -622,7 +630,7 @@ def warm_up(run: Run) -> None:
     synchronize(run.device)
     set_rng_state(state)
     if run.main:
-        print(f"compiled {len(run.buckets)} row lengths in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        print(f"compiled {len(run.warm_lengths)} row lengths in {time.perf_counter() - started:.0f}s", file=sys.stderr)
 
 
 def zero_reference(batch: Batch, masks: object) -> ResponseLogps:
@@ -745,8 +753,10 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         run.accelerator.init_trackers(run.out.name, config={k: str(v) for k, v in vars(cfg).items()})
     if run.main and run.capacity:
         rows = [r for s in epoch_plan(run.train_groups, cfg, 0, 1, 0, run.capacity) for m in s for r in m]
-        stats = packing_stats(run.train_groups, rows, PackingConfig(capacity=run.capacity), run.buckets)
-        print(f"packing: {stats.as_dict()}, row lengths {run.buckets}", file=sys.stderr)
+        multiple = 0 if run.buckets else pad_multiple(run.device)
+        stats = packing_stats(run.train_groups, rows, PackingConfig(capacity=run.capacity), run.buckets, multiple)
+        print(f"packing: {stats.as_dict()}, row lengths {run.buckets or f'any multiple of {multiple}'}",
+              file=sys.stderr)
     warm_up(run)
     run.graphs = compiled_graphs() if run.compiled else None
     train_loop(run)
