@@ -323,13 +323,29 @@ def run_prefixpo(spec: dict[str, Any], sets: list[str], env: dict[str, str]) -> 
     first = records[0]
     first_step = first["elapsed_s"] if "elapsed_s" in first else (
         proc["first_seen"] - proc["launched"] if proc["first_seen"] else None)
+    startup = next((startup_phases(line) for line in (run_dir / "log.txt").read_text().splitlines()
+                    if line.startswith("start-up: ")), None)
     mfus = [r["mfu"] for r in records if r.get("mfu") is not None]
     peaks = [r["max_memory_gib"] for r in records if r.get("max_memory_gib") is not None]
     return {"ok": True, **proc, "first_step_s": first_step,
             "first_step_source": "elapsed_s" if "elapsed_s" in first else "metrics.jsonl polled",
             "peak_gib": max(peaks) if peaks else None,
             "mfu": statistics.median(mfus[1:] or mfus) if mfus else None, "steps": steps,
-            "config": cfg, "prefixpo_set": sets}
+            "startup_s": startup, "config": cfg, "prefixpo_set": sets}
+
+
+def startup_phases(line: str) -> dict[str, float]:
+    """The seconds of each phase in prefixpo's ``start-up: ...`` line.
+
+    >>> startup_phases("start-up: 9.5s since launch (before setup 4.8s, data 0.2s, warm-up 3.1s)")
+    {'total': 9.5, 'before setup': 4.8, 'data': 0.2, 'warm-up': 3.1}
+    """
+    total, _, phases = line.removeprefix("start-up: ").partition("s since launch (")
+    out = {"total": float(total)}
+    for item in phases.rstrip(")").split(", "):
+        name, _, seconds = item.rpartition(" ")
+        out[name] = float(seconds.rstrip("s"))
+    return out
 
 
 def summarize(run: dict[str, Any], warmup: int) -> dict[str, Any]:

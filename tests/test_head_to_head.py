@@ -41,6 +41,9 @@ def test_trl_and_prefixpo_train_alike(tmp_path: Path) -> None:
     trl, ours = runs["trl-default"], runs["prefixpo"]
     assert trl["setup"]["weights_dtype"] == "float32" and not trl["setup"]["bf16_autocast"]
     assert trl["setup"]["rows"] == 4  # TRL dropped no pair
+    startup = runs["prefixpo"]["startup_s"]  # prefixpo's start-up line, read from its log
+    assert {"before setup", "data", "policy", "reference", "warm-up"} <= set(startup)
+    assert sum(v for k, v in startup.items() if k != "total") <= startup["total"] <= runs["prefixpo"]["first_step_s"]
     for run in (trl, ours):
         s = run["summary"]
         assert s["steps"] == 3 and s["pairs"] == 12

@@ -10,6 +10,7 @@ which engine it runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -269,6 +270,7 @@ class Run:
     peak_flops: float | None = None  # of the device, for MFU
     graphs: int | None = None  # graphs compiled when the first step began (recompiles counted from there)
     warm_lengths: list[int] = field(default_factory=list)  # packed row lengths the warm-up runs
+    startup: dict[str, float] = field(default_factory=dict)  # seconds of each start-up phase
 
     @property
     def out(self) -> Path:
@@ -386,6 +388,12 @@ def setup_optimizer(cfg: TrainConfig, engine: Engine, policy: torch.nn.Module,
 
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     """The stage's ``Run`` and the checkpoint it resumes from (restored by ``restore``)."""
+    startup, mark = {"before setup": process_age()}, time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        startup[name], mark = time.perf_counter() - mark, time.perf_counter()
+
     accelerator, engine = setup_accelerator(cfg)
     checkpoint = resume_point(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
@@ -393,6 +401,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     eval_groups = load_data(cfg, tokenizer, evaluation=True) if cfg.eval_dataset else []
     capacity, lengths = row_layout(cfg, train_groups, eval_groups, accelerator.num_processes,
                                    packs(cfg, accelerator.device))
+    phase("data")
     policy = setup_model(cfg, engine, checkpoint)
     steps_per_epoch = len(epoch_plan(train_groups, cfg, 0, accelerator.num_processes, accelerator.process_index,
                                      capacity))
@@ -400,7 +409,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     policy, optimizer, scheduler = setup_optimizer(cfg, engine, policy, total_steps)
     run = Run(cfg, accelerator, engine, tokenizer, train_groups, eval_groups, policy, optimizer, scheduler,
               steps_per_epoch, total_steps, capacity, lengths if cfg.packing_num_buckets else None,
-              compiles(cfg, engine), warm_lengths=lengths or [])
+              compiles(cfg, engine), warm_lengths=lengths or [], startup=startup)
+    phase("policy")
     if cfg.stage == "preference":
         run.loss_fn = get_loss(cfg.loss_type, **cfg.loss_kwargs())
     run.train_ref, run.eval_ref, run.ref_mode = build_reference(cfg, engine, train_groups, eval_groups)
@@ -417,6 +427,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     if cfg.sync_ref_model and run.ref_mode != "none":
         run.sync = reference_sync(engine.inner(), run.train_ref, cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps,
                                   engine.zero3)
+    phase("reference")
     return run, checkpoint
 
 
@@ -656,13 +667,19 @@ def filler_group(length: int, cfg: TrainConfig, share: int = 4) -> Group:
 
 def process_age() -> float:
     """Seconds since this process started (Linux's /proc; elsewhere since prefixpo.trainer loaded)."""
+    return time.time() - process_start()
+
+
+@functools.cache
+def process_start() -> float:
+    """When this process started, in ``time.time()`` seconds (read once: every log line asks)."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime"))
-        return time.time() - boot - ticks / os.sysconf("SC_CLK_TCK")
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
-        return time.time() - LOADED
+        return LOADED
 
 
 LOADED = time.time()
@@ -757,7 +774,12 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
         stats = packing_stats(run.train_groups, rows, PackingConfig(capacity=run.capacity), run.buckets, multiple)
         print(f"packing: {stats.as_dict()}, row lengths {run.buckets or f'any multiple of {multiple}'}",
               file=sys.stderr)
+    started = time.perf_counter()
     warm_up(run)
+    run.startup["warm-up"] = time.perf_counter() - started
+    if run.main:
+        print(f"start-up: {process_age():.1f}s since launch (" + ", ".join(f"{k} {v:.1f}s" for k, v in
+                                                                  run.startup.items()) + ")", file=sys.stderr)
     run.graphs = compiled_graphs() if run.compiled else None
     train_loop(run)
     return finish(run)
