@@ -115,9 +115,9 @@ def forward_flops(dims: dict[str, int], group: Group, shared: bool = True) -> fl
 def summed_over_ranks(accelerator: Any, sums: dict[str, float]) -> dict[str, float]:
     """``sums`` added up over the ranks, key by key. The ranks agree on the keys first (a rank whose
     steps had no pair holds no metric, and adds 0), so every rank reduces a tensor of one size."""
-    keys = sorted(sums)
-    if accelerator.num_processes > 1:
-        keys = sorted(set().union(*gather_object([keys])))
+    if accelerator.num_processes == 1:
+        return dict(sums)  # nothing to add, and no device round trip (which would wait for the GPU)
+    keys = sorted(set().union(*gather_object([sorted(sums)])))
     if not keys:
         return {}
     values = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64, device=accelerator.device)

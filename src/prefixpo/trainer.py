@@ -696,29 +696,36 @@ def train_loop(run: Run) -> None:
                desc=cfg.stage, unit="step", dynamic_ncols=True)
     run.policy.train()
     run.window = Window()  # throughput from here: setup and compilation left out
+    # each rank's compute time (for slowest_rank_idle) needs the GPU drained around its work; one
+    # rank has no one to wait for, and its host prepares the next step while the GPU still steps
+    timed = run.accelerator.num_processes > 1
     with StopSignals() as signals:
         try:
             if run.eval_groups and run.step == 0:
                 run_eval(run, 0)
             while run.step < run.total_steps:
-                synchronize(run.device)
+                if timed:
+                    synchronize(run.device)
                 started = time.perf_counter()
                 step_rows = run.rows_of_step(run.step)
                 result = forward_backward(run, step_rows, run.train_groups, run.train_ref)
-                synchronize(run.device)
+                if timed:
+                    synchronize(run.device)
                 compute_s = time.perf_counter() - started  # this rank's work, before the optimizer step
                 tokens = sum(lengths[i] for mb in step_rows for row in mb for i in row)
                 flops = sum(run.group_flops[i] for mb in step_rows for row in mb for i in row)
+                # read before the optimizer step is queued: waiting for them then waits for the forward only
+                loss_share, metrics = result.loss, result.metrics
                 # one gather: every rank's loss share, real tokens, compute time, FLOPs and a stop signal received
-                ranks = run.accelerator.gather(torch.tensor([[result.loss, tokens, compute_s, flops,
-                                                              signals.received or 0]],
-                                                            dtype=torch.float64, device=run.device)).cpu()
+                ranks = run.accelerator.gather(torch.tensor([[loss_share, tokens, compute_s, flops,
+                                                              signals.received or 0]], dtype=torch.float64,
+                                                            device=run.device if timed else "cpu")).cpu()
                 loss = ranks[:, 0].sum().item()
                 grad_norm = optimizer_step(run, loss, result)
                 run.step += 1
                 if run.sync is not None:  # TR-DPO: every ref_model_sync_steps steps, the policy mixed in
                     run.sync(run.step)
-                run.window.add(loss, result.count, ranks[:, 1].tolist(), ranks[:, 2].tolist(), result.metrics,
+                run.window.add(loss, result.count, ranks[:, 1].tolist(), ranks[:, 2].tolist(), metrics,
                                ranks[:, 3].sum().item())
                 bar.update(1)
                 if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
