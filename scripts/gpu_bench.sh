@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark of docs/benchmarks.md: the "Results: llama-1b, H100" table (training steps of the
 # llama-1b shape on every length profile in the four modes, docs/results/bench-h100.jsonl) and the
-# "Attention microbenchmark" table (docs/results/attention-h100.jsonl, docs/attention-h100.png).
+# "Attention microbenchmark" table (docs/results/attention-h200.jsonl, docs/attention-h200.png).
 # Needs one CUDA GPU with torch and transformers; matplotlib for the plot. From the repository root:
 #
 #   OUT=bench-out bash scripts/gpu_bench.sh

@@ -29,7 +29,7 @@ WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
          "cudaMemcpyAsync")
 
 
-def busy_ms(events) -> float:
+def busy_ms(events: list) -> float:
     """The union of the GPU kernels' time intervals, in ms."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in events
                    if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args, overrides = parser.parse_known_args()
     first, last = (int(x) for x in args.steps.split(":"))
+    if not 1 <= first < last:
+        sys.exit(f"--steps takes first:last with 1 <= first < last, got {args.steps}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -56,23 +58,30 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-    state = {"step": 0, "t0": 0.0, "wall": 0.0}
-    inner = trainer.forward_backward
+    state = {"warm": False, "t0": 0.0, "wall": 0.0}
+    inner, inner_warm_up = trainer.forward_backward, trainer.warm_up
 
-    def forward_backward(run, step, groups, reference, train=True):
-        if train and run.step + 1 == first and not state["t0"]:
+    def warm_up(run: trainer.Run) -> None:  # its forward_backward calls are not steps
+        inner_warm_up(run)
+        state["warm"] = True
+
+    def forward_backward(run: trainer.Run, step: list, groups: list, reference: object,
+                         train: bool = True) -> object:
+        if not (train and state["warm"]):
+            return inner(run, step, groups, reference, train)
+        if run.step + 1 == first and not state["t0"]:
             if cuda:
                 torch.cuda.synchronize()
             prof.start()
             state["t0"] = time.perf_counter()
-        if train and run.step + 1 == last and state["t0"] and not state["wall"]:
+        if run.step + 1 == last and state["t0"] and not state["wall"]:
             if cuda:
                 torch.cuda.synchronize()
             state["wall"] = time.perf_counter() - state["t0"]
             prof.stop()
         return inner(run, step, groups, reference, train)
 
-    trainer.forward_backward = forward_backward
+    trainer.forward_backward, trainer.warm_up = forward_backward, warm_up
     output = out / "train-output"
     shutil.rmtree(output, ignore_errors=True)
     rc = cli.main(["train", "--config", args.config, "--output_dir", str(output), *overrides])

@@ -111,11 +111,16 @@ def test_bench_cli_all_modes_agree(tmp_path):
 def test_attention_microbenchmark_cpu_smoke(tmp_path, monkeypatch):
     from prefixpo.bench import attention
 
-    monkeypatch.setattr(attention, "GROUP", 32)  # two documents / groups in a row of 64
+    monkeypatch.setattr(attention, "GROUP", 32)  # two documents / groups in a row of 64, and a 2-token tail at 66
     out = tmp_path / "attention.jsonl"
-    assert main(["bench", "--attention", "--device", "cpu", "--lengths", "64", "--repeats", "1",
+    assert main(["bench", "--attention", "--device", "cpu", "--lengths", "64", "66", "--repeats", "1",
                  "--json", str(out)]) == 0
     rows = list(map(json.loads, out.read_text().splitlines()))
+    tail = [r for r in rows if r["length"] == 66]
+    assert all(r["out_max_abs_err"] < 1e-4 for r in tail) and all(r["grad_max_abs_err"] < 1e-4 for r in tail
+                                                                   if r["method"] != "flex")
+    assert {r["tokens"] for r in tail if r["method"] == "varlen" and r["mask"] == "shared-prefix"} == {98}
+    rows = [r for r in rows if r["length"] == 64]
     assert {(r["mask"], r["method"]) for r in rows} == {
         ("causal", "flex"), ("causal", "sdpa-flash"), ("causal", "sdpa-dense"), ("causal", "varlen"),
         ("packed-causal", "flex"), ("packed-causal", "sdpa-dense"), ("packed-causal", "varlen"),

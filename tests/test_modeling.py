@@ -205,3 +205,17 @@ def test_unshared_layout_is_the_standard_recipe_too():
     with torch.no_grad():
         got = compute_logps(model, batch, chunk_size=16).token_logps
     torch.testing.assert_close(got, torch.cat([t for ts in want for t in ts]), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_output_flags_in_the_config_install_no_capturing_hooks(arch):
+    """A config that asks for hidden states and attentions (some checkpoints do) must not make
+    transformers hook every layer: the hooks' ContextVar breaks each compiled layer into graphs."""
+    model = tiny_model(arch)
+    model.config.output_hidden_states = model.config.output_attentions = True
+    apply_prefix_attention(model, "sdpa")
+    batch = collate_groups(case_groups(2))
+    compute_logps(model, batch)
+    forward_hidden(model, batch)
+    hooked = [name for name, m in model.named_modules() if m._forward_hooks]
+    assert not hooked, hooked

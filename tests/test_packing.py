@@ -170,3 +170,13 @@ def test_packing_num_buckets_must_be_a_count(value):
     with pytest.raises(ConfigError, match="`packing_num_buckets`: must be a number of row lengths, or 0 for rows "
                                           "padded to any multiple of 128"):
         TrainConfig(model_name_or_path="m", dataset="d.jsonl", packing_num_buckets=value).validate()
+
+
+def test_static_compiled_layers_need_bucketed_rows():
+    from prefixpo.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="`torch_compile_dynamic`: false compiles a graph per row length, and "
+                                          "packing_num_buckets: 0 makes rows of any length"):
+        TrainConfig(model_name_or_path="m", dataset="d.jsonl", packing_num_buckets=0,
+                    torch_compile_dynamic=False).validate()
+    TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_dynamic=False).validate()

@@ -544,12 +544,14 @@ def varied_pairs(path: Path, rows: int = 48, seed: int = 0) -> Path:
     return path
 
 
-def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys):
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, dynamic):
     """With compiled layers every packed row length is compiled before step 1 (training step and
     evaluation alike): no graph is compiled after it (``recompiles`` 0 in every train record),
     while the rows of the run do come in several lengths. Each layer is one graph: nothing in it
     breaks the graph (transformers' output-capturing hooks did, three graphs a layer). The model
-    comes from a directory, as pretrained models do (transformers loads it in evaluation mode)."""
+    comes from a directory, as pretrained models do (transformers loads it in evaluation mode).
+    Layers compiled with a symbolic row length, or statically (a graph per length)."""
     from torch._dynamo.utils import counters
 
     from prefixpo.modeling import load_model
@@ -560,7 +562,7 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys):
     config = write_config(tmp_path, model_name_or_path=str(model_dir), dataset=str(data), max_length=256,
                           max_samples=None, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=12, save_steps=None, torch_compile=True, packing=True, packing_num_buckets=3,
-                          eval_dataset=str(data), eval_steps=6)
+                          eval_dataset=str(data), eval_steps=6, torch_compile_dynamic=dynamic)
     counters.clear()
     assert main(["train", "--config", str(config)]) == 0
     assert not counters["graph_break"], dict(counters["graph_break"])
@@ -572,22 +574,33 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys):
     assert len(lengths) >= 2 and err.count("compiling: row length") == len(lengths) + 1
 
 
-
-def test_rows_of_any_length_run_the_compiled_layers_without_a_recompile(tmp_path, capsys):
+def test_rows_of_any_length_run_the_compiled_layers_without_a_recompile(tmp_path, capsys, monkeypatch):
     """``packing_num_buckets: 0``: packed rows are padded only to a multiple (8 on CPU), so the run
     meets many row lengths; the layers' one graph has a symbolic length, the warm-up runs a few
     lengths, and no graph is compiled after step 1."""
+    import prefixpo.trainer
+
+    padded, make_batch = [], prefixpo.trainer.make_batch
+
+    def recorded(*args, **kwargs):
+        batch = make_batch(*args, **kwargs)
+        padded.append(batch.input_ids.shape[1])
+        return batch
+
+    monkeypatch.setattr(prefixpo.trainer, "make_batch", recorded)
     data = varied_pairs(tmp_path / "pairs.jsonl")
     config = write_config(tmp_path, dataset=str(data), max_length=256, max_samples=None,
                           per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=12,
                           save_steps=None, torch_compile=True, packing=True, packing_num_buckets=0)
     assert main(["train", "--config", str(config)]) == 0
     err = capsys.readouterr().err
-    warmed = int(re.search(r"compiled (\d+) row lengths", err).group(1))
+    warmed = int(re.search(r"warm-up: (\d+) row lengths", err).group(1))
     assert "row lengths any multiple of 8" in err and warmed >= 2 and err.count("compiling: row length") == warmed + 1
     train = [r for r in records(tmp_path / "run") if r["split"] == "train"]
     assert [r["recompiles"] for r in train] == [0] * 12
-    assert len({-(-r["rank_tokens"][0] // 8) for r in train}) >= 6  # rows of many lengths
+    steps = padded[warmed + 1:]  # after the warm-up's rows, the 12 steps' rows as padded
+    assert len(steps) == 12 and all(n % 8 == 0 for n in steps)
+    assert len(set(steps)) >= 6 and len(set(steps) - set(padded[:warmed + 1])) >= 4  # lengths the warm-up never ran
 
 def test_a_rank_without_pairs_in_the_last_step_still_logs_with_the_others(tmp_path):
     """41 groups, 2 ranks x 4 groups per step: the epoch's last step holds one group, so one rank has
@@ -635,3 +648,6 @@ def test_the_step_profiler_script_profiles_a_running_train(tmp_path):
                           text=True, timeout=300)
     assert late.returncode != 0 and late.stderr.strip().splitlines()[-1] == \
         "the run ended (rc 0) before step 10: lower --steps"
+    empty = subprocess.run([*script, "--steps", "3:3", "--out", str(tmp_path / "empty")], capture_output=True,
+                           text=True, timeout=300)
+    assert empty.returncode != 0 and empty.stderr.strip() == "--steps takes first:last with 1 <= first < last, got 3:3"

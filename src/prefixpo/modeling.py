@@ -447,8 +447,14 @@ def forward_hidden(model: nn.Module, batch: Batch, masks: Any = None) -> torch.T
     if masks is None:
         masks = build_attention_masks(model, batch)
     out = decoder_of(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                            attention_mask=masks, use_cache=False)
+                            attention_mask=masks, use_cache=False, **NO_CAPTURE)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+# Asked for explicitly, so that a config with output_hidden_states or output_attentions set does not
+# make transformers install its output-capturing hooks on every layer: their ContextVar breaks each
+# compiled layer into three graphs, and they stay for good once installed.
+NO_CAPTURE = {"output_hidden_states": False, "output_attentions": False}
 
 
 # --- the output layer -------------------------------------------------------------------------
@@ -482,10 +488,10 @@ def check_output_head(model: nn.Module, num_tokens: int = 6) -> None:
     was_training = model.training
     model.eval()
     try:
-        # two plain calls, not output_hidden_states=True: that installs transformers' output-capturing
-        # hooks on every layer for good, and their ContextVar breaks each compiled layer into 3 graphs
-        expected = model(input_ids=ids, use_cache=False).logits[0].float()
-        hidden = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
+        # two plain calls, not output_hidden_states=True (see NO_CAPTURE)
+        expected = model(input_ids=ids, use_cache=False, **NO_CAPTURE).logits[0].float()
+        out = decoder_of(model)(input_ids=ids, use_cache=False, **NO_CAPTURE)
+        hidden = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
     finally:
         model.train(was_training)
     got = head_logits(hidden, *output_head(model))
@@ -517,7 +523,7 @@ class ScoredLM(nn.Module):
                 scored_targets: torch.Tensor, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                 log_sum_sq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
-                                     use_cache=False)
+                                     use_cache=False, **NO_CAPTURE)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         weight, bias, softcap, scale = output_head(self.model)
         scored_hidden = hidden.reshape(-1, hidden.shape[-1])[scored_index]

@@ -88,6 +88,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # auto: every decoder layer compiled, one static graph per packed row length, on CUDA with packing
     torch_compile: bool | str = "auto"
+    torch_compile_dynamic: bool = True  # one graph with a symbolic row length; false: a graph per row length
     activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss
     beta: float = 0.1
@@ -225,6 +226,11 @@ class TrainConfig:
             raise _bad("packing", f"must be true, false or auto, got {self.packing!r}")
         if self.torch_compile not in (True, False, "auto"):
             raise _bad("torch_compile", f"must be true, false or auto, got {self.torch_compile!r}")
+        if not isinstance(self.torch_compile_dynamic, bool):
+            raise _bad("torch_compile_dynamic", f"must be true or false, got {self.torch_compile_dynamic!r}")
+        if not self.torch_compile_dynamic and self.packing_num_buckets == 0:
+            raise _bad("torch_compile_dynamic", "false compiles a graph per row length, and packing_num_buckets: 0 "
+                       "makes rows of any length; set packing_num_buckets to a number of lengths (e.g. 4)")
         if self.packing is not False and self.packing_capacity != "auto" and self.packing_capacity < self.max_length:
             raise _bad("packing_capacity", f"({self.packing_capacity}) must be at least max_length "
                        f"({self.max_length}), so every group fits in a row")

@@ -361,7 +361,7 @@ def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> Sc
     if engine.accelerator.is_main_process and cfg.stage == "preference" and (note := router_loss_note(model.config)):
         print(note, file=sys.stderr)
     if compiles(cfg, engine):
-        compile_layers(model)
+        compile_layers(model, dynamic=cfg.torch_compile_dynamic)
     return ScoredLM(model)
 
 
@@ -419,7 +419,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
                                   and cfg.ref_model_name_or_path in (None, cfg.model_name_or_path))
     reference_model = sample_model_of(run.train_ref)
     if run.compiled and run.ref_mode == "model" and reference_model is not None:
-        compile_layers(reference_model.model)
+        compile_layers(reference_model.model, dynamic=cfg.torch_compile_dynamic)
     run.peak_flops = peak_flops(engine.device)
     dims = model_dims(engine.inner())
     forwards = 3 + (run.ref_mode in ("model", "adapters_off"))  # policy forward and backward, reference forward
@@ -641,7 +641,7 @@ def warm_up(run: Run) -> None:
     synchronize(run.device)
     set_rng_state(state)
     if run.main:
-        print(f"compiled {len(run.warm_lengths)} row lengths in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        print(f"warm-up: {len(run.warm_lengths)} row lengths in {time.perf_counter() - started:.0f}s", file=sys.stderr)
 
 
 def zero_reference(batch: Batch, masks: object) -> ResponseLogps:

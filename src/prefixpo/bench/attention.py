@@ -33,6 +33,7 @@ sequence at a time, which checks the layout, not the kernel).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -102,6 +103,11 @@ def varlen_layout(mask: str, length: int) -> tuple[list[int], list[int], list[in
 
     >>> varlen_layout("shared-prefix", 8)
     ([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 6, 7], [6, 6], [0, 1, 2, 3, 4, 5, 10, 11])
+    >>> import prefixpo.bench.attention as attention
+    >>> attention.GROUP = 4  # a 6-token row: a group of 4, then a 2-token prompt without responses
+    >>> varlen_layout("shared-prefix", 6)
+    ([0, 1, 2, 0, 1, 3, 4, 5], [3, 3, 2], [0, 1, 2, 5, 6, 7])
+    >>> attention.GROUP = 2048
     """
     if mask == "causal":
         return list(range(length)), [length], list(range(length))
@@ -116,10 +122,11 @@ def varlen_layout(mask: str, length: int) -> tuple[list[int], list[int], list[in
             lengths.append(len(where))
             continue
         prompt = [i for i in where if seg[i] == 0]
-        for s in sorted({seg[i] for i in where} - {0}):
-            sequence = prompt + [i for i in where if seg[i] == s]
+        for s in sorted({seg[i] for i in where} - {0}) or [None]:  # a tail group may be a prompt alone
+            sequence = prompt + [i for i in where if s is not None and seg[i] == s]
             gather += sequence
             lengths.append(len(sequence))
+    assert sorted(set(gather)) == list(range(length)), "every token of the row is in some sequence"
     first = [0] * length
     for j in reversed(range(len(gather))):
         first[gather[j]] = j
@@ -149,13 +156,18 @@ def sequence_sdpa(cu: torch.Tensor) -> Callable[..., torch.Tensor]:
 
 
 def varlen_method(mask: str, length: int, device: torch.device) -> Method:
+    """FlashAttention-2 varlen over ``varlen_layout``'s sequences (CUDA), or its CPU stand-in."""
     gather, lengths, first = varlen_layout(mask, length)
     gather_t, first_t = (torch.tensor(x, device=device) for x in (gather, first))
     cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
     longest = max(lengths)
     if device.type == "cuda":
+        # torch 2.10's varlen_attn takes is_causal; later ones a window, (-1, 0) being causal
+        causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters \
+            else {"is_causal": True}
+
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, 0))
+            return varlen_attn(q, k, v, cu, cu, longest, longest, **causal)
         kernel = "FlashAttention-2 varlen"
     else:
         run, kernel = sequence_sdpa(cu), "SDPA per sequence (CPU stand-in)"
