@@ -717,9 +717,10 @@ def train_loop(run: Run) -> None:
                 # read before the optimizer step is queued: waiting for them then waits for the forward only
                 loss_share, metrics = result.loss, result.metrics
                 # one gather: every rank's loss share, real tokens, compute time, FLOPs and a stop signal received
-                ranks = run.accelerator.gather(torch.tensor([[loss_share, tokens, compute_s, flops,
-                                                              signals.received or 0]], dtype=torch.float64,
-                                                            device=run.device if timed else "cpu")).cpu()
+                ranks = torch.tensor([[loss_share, tokens, compute_s, flops, signals.received or 0]],
+                                     dtype=torch.float64)
+                if timed:  # (one process has nothing to gather, even where a process group exists)
+                    ranks = run.accelerator.gather(ranks.to(run.device)).cpu()
                 loss = ranks[:, 0].sum().item()
                 grad_norm = optimizer_step(run, loss, result)
                 run.step += 1
