@@ -94,9 +94,9 @@ def main() -> None:
         if e.name in waits:
             waits[e.name] += (e.time_range.end - e.time_range.start) / 1e3
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    busy = busy_ms(events)
     summary = {"config": args.config, "steps": [first, last], "wall_ms_per_step": 1e3 * state["wall"] / steps,
-               "gpu_busy_ms_per_step": busy_ms(events) / steps,
-               "gpu_busy_pct": 100 * busy_ms(events) / (1e3 * state["wall"]),
+               "gpu_busy_ms_per_step": busy / steps, "gpu_busy_pct": 100 * busy / (1e3 * state["wall"]),
                "host_wait_ms_per_step": {k: v / steps for k, v in waits.items() if v},
                "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

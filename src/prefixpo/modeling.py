@@ -446,15 +446,20 @@ def forward_hidden(model: nn.Module, batch: Batch, masks: Any = None) -> torch.T
     """Final hidden states ``[rows, T, hidden]`` of the batch under the prefix-sharing mask."""
     if masks is None:
         masks = build_attention_masks(model, batch)
-    out = decoder_of(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                            attention_mask=masks, use_cache=False, **NO_CAPTURE)
+    return decoder_hidden(model, batch.input_ids, batch.position_ids, masks)
+
+
+def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                   attention_mask: Any = None) -> torch.Tensor:
+    """The decoder's last hidden states ``[B, T, H]`` (after its final norm), without a cache.
+
+    Hidden states and attentions are declined explicitly, so that a config with
+    ``output_hidden_states`` or ``output_attentions`` set does not make transformers install its
+    output-capturing hooks on every layer: their ContextVar breaks each compiled layer into three
+    graphs, and they stay for good once installed."""
+    out = decoder_of(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                            use_cache=False, output_hidden_states=False, output_attentions=False)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
-
-
-# Asked for explicitly, so that a config with output_hidden_states or output_attentions set does not
-# make transformers install its output-capturing hooks on every layer: their ContextVar breaks each
-# compiled layer into three graphs, and they stay for good once installed.
-NO_CAPTURE = {"output_hidden_states": False, "output_attentions": False}
 
 
 # --- the output layer -------------------------------------------------------------------------
@@ -488,10 +493,10 @@ def check_output_head(model: nn.Module, num_tokens: int = 6) -> None:
     was_training = model.training
     model.eval()
     try:
-        # two plain calls, not output_hidden_states=True (see NO_CAPTURE)
-        expected = model(input_ids=ids, use_cache=False, **NO_CAPTURE).logits[0].float()
-        out = decoder_of(model)(input_ids=ids, use_cache=False, **NO_CAPTURE)
-        hidden = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
+        # two plain calls, not output_hidden_states=True (see decoder_hidden)
+        expected = model(input_ids=ids, use_cache=False, output_hidden_states=False,
+                         output_attentions=False).logits[0].float()
+        hidden = decoder_hidden(model, ids)[0]
     finally:
         model.train(was_training)
     got = head_logits(hidden, *output_head(model))
@@ -522,9 +527,7 @@ class ScoredLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, scored_index: torch.Tensor,
                 scored_targets: torch.Tensor, masks=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                 log_sum_sq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        out = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
-                                     use_cache=False, **NO_CAPTURE)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        hidden = decoder_hidden(self.model, input_ids, position_ids, masks)
         weight, bias, softcap, scale = output_head(self.model)
         scored_hidden = hidden.reshape(-1, hidden.shape[-1])[scored_index]
         logps = scored_token_logprobs(scored_hidden, weight, scored_targets, bias=bias, softcap=softcap,

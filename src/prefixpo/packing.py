@@ -224,8 +224,7 @@ def packing_stats(groups: Sequence[Group], rows: Sequence[Sequence[int]], config
         tokens=sum(used),
         separate_tokens=sum(groups[i].num_separate_tokens for row in rows for i in row),
         capacity=config.capacity,
-        padded_tokens=sum(-(-u // multiple_of) * multiple_of if multiple_of else row_length(u, buckets)
-                          for u in used if u),
+        padded_tokens=sum(round_up(u, multiple_of) if multiple_of else row_length(u, buckets) for u in used if u),
     )
 
 

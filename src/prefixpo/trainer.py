@@ -204,7 +204,7 @@ def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Gr
     eval group (so a training row holds no more tokens than TRL's micro-batch of the longest groups,
     padded); the row lengths are ``packing_num_buckets`` quantiles of the first epoch's rows of every
     rank (``packing.data_buckets``), the capacity the last of them (with ``packing_num_buckets: 0``,
-    4 such lengths, which the warm-up runs while rows take any multiple of 128)."""
+    up to 4 such lengths, which the warm-up runs while rows take any multiple of 128)."""
     if not packed:
         return None, None
     longest = max(group_lengths(train_groups + eval_groups, cfg))
