@@ -253,11 +253,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
-def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64) -> int:
+def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64, mode: str = "default") -> int:
     """``torch.compile`` every decoder layer; all layers of the model share the graph. Returns the
     layers compiled. ``dynamic``: one graph with a symbolic row length for every length (compiled
     once), or static shapes, one graph per row length (``prefixpo bench``'s way, a compile each).
-    ``max_shapes``: graphs kept per layer before dynamo gives up compiling it."""
+    ``max_shapes``: graphs kept per layer before dynamo gives up compiling it. ``mode``:
+    ``torch.compile``'s (``reduce-overhead`` replays each layer's kernels as a CUDA graph, recorded
+    once per row length; a caller marks each step's start, ``cudagraph_step``)."""
     import torch._dynamo
 
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
@@ -266,8 +268,12 @@ def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64)
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), max_shapes))
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=dynamic)
+        layer.compile(dynamic=dynamic, mode=None if mode == "default" else mode)
     return len(layers)
+
+
+def uses_cuda_graphs(mode: str) -> bool:
+    return mode in ("reduce-overhead", "max-autotune")
 
 
 def compiled_graphs() -> int:

@@ -22,6 +22,7 @@ STAGES = ("sft", "preference")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REFERENCE_MODES = ("auto", "model", "precomputed", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 POSITIVE_INTEGERS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "logps_chunk_size", "max_length", "save_total_limit", "dataset_num_proc",
                      "ref_model_sync_steps")
@@ -89,6 +90,9 @@ class TrainConfig:
     # auto: every decoder layer compiled, one static graph per packed row length, on CUDA with packing
     torch_compile: bool | str = "auto"
     torch_compile_dynamic: bool = True  # one graph with a symbolic row length; false: a graph per row length
+    # torch.compile's mode for the layers (transformers' key): default, reduce-overhead (CUDA graphs),
+    # max-autotune, max-autotune-no-cudagraphs
+    torch_compile_mode: str = "default"
     activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss
     beta: float = 0.1
@@ -228,6 +232,8 @@ class TrainConfig:
             raise _bad("torch_compile", f"must be true, false or auto, got {self.torch_compile!r}")
         if not isinstance(self.torch_compile_dynamic, bool):
             raise _bad("torch_compile_dynamic", f"must be true or false, got {self.torch_compile_dynamic!r}")
+        if self.torch_compile_mode not in COMPILE_MODES:
+            raise _bad("torch_compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {self.torch_compile_mode!r}")
         if not self.torch_compile_dynamic and self.packing_num_buckets == 0:
             raise _bad("torch_compile_dynamic", "false compiles a graph per row length, and packing_num_buckets: 0 "
                        "makes rows of any length; set packing_num_buckets to a number of lengths (e.g. 4)")

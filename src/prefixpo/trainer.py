@@ -70,6 +70,7 @@ from prefixpo.modeling import (
     is_config_file,
     load_model,
     resolve_backend,
+    uses_cuda_graphs,
     weights_dtype,
 )
 from prefixpo.packing import (
@@ -361,7 +362,7 @@ def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> Sc
     if engine.accelerator.is_main_process and cfg.stage == "preference" and (note := router_loss_note(model.config)):
         print(note, file=sys.stderr)
     if compiles(cfg, engine):
-        compile_layers(model, dynamic=cfg.torch_compile_dynamic)
+        compile_layers(model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode)
     return ScoredLM(model)
 
 
@@ -419,7 +420,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
                                   and cfg.ref_model_name_or_path in (None, cfg.model_name_or_path))
     reference_model = sample_model_of(run.train_ref)
     if run.compiled and run.ref_mode == "model" and reference_model is not None:
-        compile_layers(reference_model.model, dynamic=cfg.torch_compile_dynamic)
+        compile_layers(reference_model.model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode)
     run.peak_flops = peak_flops(engine.device)
     dims = model_dims(engine.inner())
     forwards = 3 + (run.ref_mode in ("model", "adapters_off"))  # policy forward and backward, reference forward
@@ -567,6 +568,8 @@ def forward_backward(run: Run, step: Step, groups: list[Group], reference: Refer
     Batches are laid out on the host and pairs found there (on the device it would wait for the GPU);
     each micro-batch's attention masks are built once, for the policy and the reference."""
     cfg, engine = run.cfg, run.engine
+    if run.compiled and uses_cuda_graphs(cfg.torch_compile_mode):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may now be overwritten
     on_host = [make_batch(groups, rows, cfg, run.device, run.buckets) for rows in step]
     micro_batches = [mb.to(run.device) for mb in on_host]
     backward, no_sync = (engine.backward, engine.no_sync) if train else (None, None)
