@@ -79,7 +79,7 @@ def dense_mask(batch: Batch, sliding_window: int | None = None) -> torch.Tensor:
 def _compiled_create_block_mask():
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask, dynamic=None)  # one recompile covers every later length
+    return torch.compile(create_block_mask, dynamic=True)  # rows and length symbolic: compiled once
 
 
 def flex_block_mask(batch: Batch, sliding_window: int | None = None, block_size: int = 128):
