@@ -56,6 +56,8 @@ config ``examples/configs/tiny-llama.json``).
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
@@ -468,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                         "dtype": dtype, "device": device, "learning_rate": args.learning_rate,
                         "warmup_steps": args.warmup_steps, "gradient_checkpointing": args.gradient_checkpointing,
                         "data_seed": seed, "train_seed": SEED, "versions": versions,
-                        "device_name": None, "commit": _commit()},
+                        "device_name": None, "commit": _commit(), "source_digest": source_digest()},
                "runs": []}
     for name in names:
         profile_dir = out / name
@@ -525,11 +527,23 @@ def _gpu_name(device: str) -> str | None:
 
 
 def _commit() -> str | None:
+    """The checkout's commit, with ``+modified`` when prefixpo's sources differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        git = functools.partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, timeout=10)
+        commit = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        return commit + ("+modified" if git(["git", "status", "--porcelain", "src", "scripts"]).stdout.strip() else "") \
+            if commit else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def source_digest(root: Path = ROOT) -> str:
+    """SHA-256 (12 hex digits) of prefixpo's sources and this script: which code ran, where a copy of
+    the tree travels without its git history (compare with the digest of a checkout)."""
+    digest = hashlib.sha256()
+    for path in sorted((root / "src" / "prefixpo").rglob("*.py")) + [root / "scripts" / "head_to_head.py"]:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _versions() -> dict[str, str]:

@@ -37,6 +37,10 @@ def test_trl_and_prefixpo_train_alike(tmp_path: Path) -> None:
     assert "| hh-rlhf | trl-default |" in proc.stdout and "| hh-rlhf | prefixpo |" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     runs = {r["trainer"]: r for r in results["runs"]}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from head_to_head import source_digest
+
+    assert results["meta"]["source_digest"] == source_digest()  # which code ran, git or not
     assert set(runs) == {"trl-default", "prefixpo"} and all(r["ok"] for r in runs.values())
     trl, ours = runs["trl-default"], runs["prefixpo"]
     assert trl["setup"]["weights_dtype"] == "float32" and not trl["setup"]["bf16_autocast"]

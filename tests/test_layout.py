@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prefixpo.layout import PAD_DOCUMENT, Group, build_batch, collate_groups, layout_group
+from prefixpo.layout import PAD_DOCUMENT, Group, build_batch, collate_groups, copy_together, layout_group
 
 
 def random_group(gen: torch.Generator, n: int) -> Group:
@@ -90,3 +90,27 @@ def test_row_overflow_is_an_error():
 def test_collate_pads_to_multiple():
     batch = collate_groups([Group([1], [[2]]), Group([1, 2, 3], [[4, 5]])], pad_to_multiple_of=8)
     assert batch.shape == (2, 8)
+
+
+def test_a_batch_travels_as_one_buffer_per_dtype_and_arrives_whole():
+    """``Batch.to`` an accelerator copies one flat buffer per dtype and cuts it back into the
+    fields: every field keeps its values, shape and dtype (the empty and the float ones too), and
+    fields that are None stay None. Checked through ``copy_together`` to the CPU (values) and
+    ``Batch.to("meta")`` (the path an accelerator takes: shapes, dtypes, device)."""
+    groups = [Group([1, 2], [[3], [4, 5]], scores=[1.0, 0.0]), Group([6], [[7], [8], [9]], pairs=[[2, 0]]),
+              Group([10, 11, 12], [[13, 14]])]
+    batch = collate_groups(groups, pad_to_multiple_of=4)
+    fields = {k: v for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+    assert {t.dtype for t in fields.values()} == {torch.long, torch.float32} and batch.group_ids is None
+    copied = copy_together({**fields, "empty": torch.zeros(0, 3, dtype=torch.long)}, "cpu")
+    for k, v in fields.items():
+        assert copied[k].shape == v.shape and copied[k].dtype == v.dtype
+        assert torch.equal(copied[k].nan_to_num(-1.0), v.nan_to_num(-1.0)), k
+    assert copied["empty"].shape == (0, 3)
+    moved = batch.to("meta")
+    for k, v in vars(batch).items():
+        if isinstance(v, torch.Tensor):
+            assert moved.__dict__[k].device.type == "meta" and moved.__dict__[k].shape == v.shape, k
+        else:
+            assert moved.__dict__[k] == v, k
+    assert batch.to("cpu").input_ids is batch.input_ids

@@ -180,3 +180,12 @@ def test_static_compiled_layers_need_bucketed_rows():
         TrainConfig(model_name_or_path="m", dataset="d.jsonl", packing_num_buckets=0,
                     torch_compile_dynamic=False).validate()
     TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_dynamic=False).validate()
+
+
+def test_a_compile_mode_is_one_torch_compile_knows():
+    from prefixpo.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="`torch_compile_mode`: must be one of default, reduce-overhead, "
+                                          "max-autotune, max-autotune-no-cudagraphs, got 'fast'"):
+        TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_mode="fast").validate()
+    TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_mode="reduce-overhead").validate()

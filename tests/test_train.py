@@ -544,15 +544,25 @@ def varied_pairs(path: Path, rows: int = 48, seed: int = 0) -> Path:
     return path
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, dynamic):
+@pytest.mark.parametrize("dynamic, mode", [(True, "default"), (False, "default"), (True, "reduce-overhead")])
+def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeypatch, dynamic, mode):
     """With compiled layers every packed row length is compiled before step 1 (training step and
     evaluation alike): no graph is compiled after it (``recompiles`` 0 in every train record),
     while the rows of the run do come in several lengths. Each layer is one graph: nothing in it
     breaks the graph (transformers' output-capturing hooks did, three graphs a layer). The model
     comes from a directory, as pretrained models do (transformers loads it in evaluation mode).
-    Layers compiled with a symbolic row length, or statically (a graph per length)."""
+    Layers compiled with a symbolic row length, or statically (a graph per length); in
+    ``torch_compile_mode`` (reduce-overhead's CUDA graphs are not recorded on the CPU: the step
+    marking runs, the graphs are the default's)."""
     from torch._dynamo.utils import counters
+
+    modes, compile_module = [], torch.nn.Module.compile
+
+    def recorded(module, *args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return compile_module(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recorded)
 
     from prefixpo.modeling import load_model
 
@@ -562,9 +572,11 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, dynamic
     config = write_config(tmp_path, model_name_or_path=str(model_dir), dataset=str(data), max_length=256,
                           max_samples=None, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=12, save_steps=None, torch_compile=True, packing=True, packing_num_buckets=3,
-                          eval_dataset=str(data), eval_steps=6, torch_compile_dynamic=dynamic)
+                          eval_dataset=str(data), eval_steps=6, torch_compile_dynamic=dynamic,
+                          torch_compile_mode=mode)
     counters.clear()
     assert main(["train", "--config", str(config)]) == 0
+    assert modes and set(modes) == {None if mode == "default" else mode}  # every layer, policy and reference
     assert not counters["graph_break"], dict(counters["graph_break"])
     err = capsys.readouterr().err
     lengths = json.loads(re.search(r"row lengths (\[[0-9, ]+\])", err).group(1))

@@ -99,6 +99,8 @@ def test_conversions():
                        "use_peft": True, "lora_dropout": 0.1, "loss_type": "discopop", "discopop_tau": 0.1})
     assert cfg["reference_mode"] == "precomputed" and cfg["lora_dropout"] == 0.1
     assert cfg["loss_params"] == {"tau": 0.1}
+    for mode, ours in (("reduce-overhead", "reduce-overhead"), (None, "default")):  # transformers' unset is None
+        assert from_trl({"dataset_name": "d", "torch_compile_mode": mode})[0]["torch_compile_mode"] == ours
 
 
 @pytest.mark.parametrize("raw, key", [({"max_length": None}, "max_length"), ({"dtype": "auto"}, "dtype"),

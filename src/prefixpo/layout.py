@@ -181,13 +181,15 @@ class Batch:
         return tuple(self.input_ids.shape)  # type: ignore[return-value]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """The batch on ``device``. From the host to a GPU its tensors travel as one pinned buffer
-        per dtype in one asynchronous copy each (a copy per field costs the host more than the data)."""
+        """The batch on ``device``. From the host to an accelerator its tensors travel as one buffer
+        per dtype (pinned for CUDA, copied asynchronously): a copy per field costs the host more
+        than the data."""
         device = torch.device(device)
         fields = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        if device.type != "cuda" or any(v.device.type != "cpu" for v in fields.values()):
+        if device.type == "cpu" or any(v.device.type != "cpu" for v in fields.values()):
             return Batch(**{**vars(self), **{k: v.to(device, non_blocking=non_blocking) for k, v in fields.items()}})
-        return Batch(**{**vars(self), **copy_together(fields, device, pin=True)})
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        return Batch(**{**vars(self), **copy_together(fields, device, pin=pin)})
 
 
 def copy_together(tensors: dict[str, torch.Tensor], device: torch.device | str,
