@@ -13,6 +13,8 @@ What it measures, per length profile (``prefixpo/bench/profiles.json``) and per 
   ``metrics.jsonl``;
 - **MFU**: where prefixpo's train records carry an ``mfu`` field (TRL's is not computed);
 - **slowest/median**: the slowest step after step 1 over the median step time after step 1;
+- **recompiles**: graphs compiled from step 1 on, where prefixpo's layers are compiled (its
+  ``metrics.jsonl``; the warm-up before step 1 should leave none);
 - **losses** of the first steps. At step 1 the policy is the reference, so both trainers log
   ln 2. Later losses agree only when both train the same pairs in a step: with one step = all the
   pairs (``--pairs`` = ``--batch``) the order does not matter, and the CPU test checks that
@@ -321,7 +323,8 @@ def run_prefixpo(spec: dict[str, Any], sets: list[str], env: dict[str, str]) -> 
         return {"ok": False, **proc}
     steps = [{"step": r["step"], "time_s": r["step_time_s"], "pairs": int(r["pairs"]) if float(r["pairs"]).is_integer() else r["pairs"],
               "loss": r["loss"], "grad_norm": r.get("grad_norm"), "learning_rate": r.get("learning_rate"),
-              **({"mfu": r["mfu"]} if "mfu" in r else {})} for r in records]
+              **({"mfu": r["mfu"]} if "mfu" in r else {}),
+              **({"recompiles": r["recompiles"]} if "recompiles" in r else {})} for r in records]
     first = records[0]
     first_step = first["elapsed_s"] if "elapsed_s" in first else (
         proc["first_seen"] - proc["launched"] if proc["first_seen"] else None)
@@ -366,7 +369,9 @@ def summarize(run: dict[str, Any], warmup: int) -> dict[str, Any]:
             "peak_gib": run["peak_gib"], "mfu": run["mfu"],
             "slowest_over_median": later[slowest] / statistics.median(later) if later else None,
             "slowest_step": steps[1 + slowest]["step"] if later else None,
-            "losses": [s.get("loss") for s in steps[:5]], "grad_norms": [s.get("grad_norm") for s in steps[:5]]}
+            "losses": [s.get("loss") for s in steps[:5]], "grad_norms": [s.get("grad_norm") for s in steps[:5]],
+            # graphs compiled from step 1 on (prefixpo's compiled layers; counted by its trainer)
+            "recompiles": max(counted) if (counted := [s["recompiles"] for s in steps if "recompiles" in s]) else None}
 
 
 # ---------------------------------------------------------------- table
@@ -391,11 +396,11 @@ def table(results: list[dict[str, Any]]) -> str:
     versus = "trl-best" if any(r["trainer"] == "trl-best" for r in rows) else "trl-default"
     out = [f"<!-- {line} -->" for line in meta]
     out += [f"| profile | trainer | pairs/s (steady) | x {versus} | first step s | wall s | peak GiB | MFU % "
-            "| slowest / median | losses, steps 1-3 |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| slowest / median | recompiles | losses, steps 1-3 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if not r["ok"]:
-            out.append(f"| {r['profile']} | {r['label']} | failed (exit {r['rc']}) | | | | | | | |")
+            out.append(f"| {r['profile']} | {r['label']} | failed (exit {r['rc']}) | | | | | | | | |")
             continue
         s = r["summary"]
         base = next((x["summary"]["steady_pairs_per_s"] for x in rows if x["profile"] == r["profile"]
@@ -405,7 +410,7 @@ def table(results: list[dict[str, Any]]) -> str:
         out.append(f"| {r['profile']} | {r['label']} | {_f(s['steady_pairs_per_s'], '.2f')} | {_f(ratio, '.2f')} "
                    f"| {_f(s['first_step_s'], '.1f')} | {_f(s['wall_s'], '.0f')} | {_f(s['peak_gib'], '.1f')} "
                    f"| {_f(s['mfu'] and 100 * s['mfu'], '.1f')} | {_f(s['slowest_over_median'], '.2f')} "
-                   f"| {losses} |")
+                   f"| {_f(s.get('recompiles'), 'd')} | {losses} |")
     return "\n".join(out)
 
 

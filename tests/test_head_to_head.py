@@ -4,7 +4,8 @@ A tiny random Llama, the four first pairs of the hh-rlhf profile, one step = all
 two trainers' data orders do not matter), three steps (three epochs), fp32, learning rate 1e-4:
 both runs finish, log step 1 at ln 2 (the policy is the reference), the same gradient norm at step
 1, and the same losses at steps 2 and 3 -- which take the first two AdamW updates and the linear
-schedule's rates into account.
+schedule's rates into account. prefixpo runs as the GPU default does: packed, its layers compiled
+(warmed before step 1, so the script's ``recompiles`` column reads 0; TRL's reads "-").
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def test_trl_and_prefixpo_train_alike(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "head_to_head.py"), "--model", "examples/configs/tiny-llama.json",
          "--profiles", "hh-rlhf", "--pairs", "4", "--batch", "4", "--epochs", "3", "--device", "cpu",
-         "--dtype", "float32", "--learning-rate", "1e-4", "--trainers", "trl-default,prefixpo", "--out", str(out)],
+         "--dtype", "float32", "--learning-rate", "1e-4", "--trainers", "trl-default,prefixpo", "--out", str(out),
+         "--prefixpo-set", "torch_compile=true", "--prefixpo-set", "packing=true", "--label", "prefixpo"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| hh-rlhf | trl-default |" in proc.stdout and "| hh-rlhf | prefixpo |" in proc.stdout
@@ -54,6 +56,8 @@ def test_trl_and_prefixpo_train_alike(tmp_path: Path) -> None:
         assert s["steady_pairs_per_s"] > 0 and 0 < s["first_step_s"] < s["wall_s"]
         assert s["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     a, b = trl["summary"], ours["summary"]
+    assert b["recompiles"] == 0 and a["recompiles"] is None  # prefixpo's compiled layers: nothing after the warm-up
+    assert "| recompiles |" in proc.stdout and f"| {b['steady_pairs_per_s']:.2f} |" in proc.stdout
     assert a["grad_norms"][0] == pytest.approx(b["grad_norms"][0], rel=1e-4)
     assert a["losses"][1] < math.log(2) - 0.05  # the update moved the loss: the comparison below means something
     assert a["losses"][1] == pytest.approx(b["losses"][1], abs=1e-4)
