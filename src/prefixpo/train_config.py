@@ -87,7 +87,7 @@ class TrainConfig:
     # (FSDP2 always does this); false holds them in bf16
     fp32_master_weights: bool = False
     gradient_checkpointing: bool = False
-    # auto: every decoder layer compiled, one static graph per packed row length, on CUDA with packing
+    # auto: every decoder layer compiled (before step 1, every packed row length run), on CUDA with packing
     torch_compile: bool | str = "auto"
     torch_compile_dynamic: bool = True  # one graph with a symbolic row length; false: a graph per row length
     # torch.compile's mode for the layers (transformers' key): default, reduce-overhead (CUDA graphs),
