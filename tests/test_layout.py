@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from prefixpo.layout import PAD_DOCUMENT, Group, build_batch, collate_groups, copy_together, layout_group
+from prefixpo.layout import (
+    MAX_RESPONSES,
+    PAD_DOCUMENT,
+    Group,
+    build_batch,
+    collate_groups,
+    copy_together,
+    layout_group,
+)
 
 
 def random_group(gen: torch.Generator, n: int) -> Group:
@@ -82,6 +90,12 @@ def test_batch_indexes_scored_tokens_across_rows_and_packed_groups():
     assert (batch.document_ids == PAD_DOCUMENT).sum() == batch.input_ids.numel() - sum(g.num_tokens for g in groups)
 
 
+def test_a_group_with_more_responses_than_the_mask_codes_hold_is_refused():
+    layout_group(Group([1], [[2]] * MAX_RESPONSES))
+    with pytest.raises(ValueError, match="a group has 4096 responses; the attention mask holds at most 4095"):
+        layout_group(Group([1], [[2]] * (MAX_RESPONSES + 1)))
+
+
 def test_row_overflow_is_an_error():
     with pytest.raises(ValueError, match="more than its length"):
         build_batch([[layout_group(Group([1, 2], [[3, 4]]))]], row_length=3)
@@ -108,6 +122,7 @@ def test_a_batch_travels_as_one_buffer_per_dtype_and_arrives_whole():
         assert torch.equal(copied[k].nan_to_num(-1.0), v.nan_to_num(-1.0)), k
     assert copied["empty"].shape == (0, 3)
     moved = batch.to("meta")
+    assert moved.position_ids.storage_offset() == batch.input_ids.numel()  # one buffer, the fields its views
     for k, v in vars(batch).items():
         if isinstance(v, torch.Tensor):
             assert moved.__dict__[k].device.type == "meta" and moved.__dict__[k].shape == v.shape, k

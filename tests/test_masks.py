@@ -79,3 +79,25 @@ def test_block_mask_skips_empty_blocks():
     dense_blocks = dense_mask(batch)[0, 0].reshape(8, 8, 8, 8).any(dim=(1, 3))
     assert visited == int(dense_blocks.sum())
     assert visited < 8 * 9 // 2  # a plain causal mask visits 36 blocks
+
+
+def test_the_compiled_block_mask_builder_is_one_graph_for_every_row_length():
+    """The GPU's mask builder (``torch.compile`` of the builder, its row length dynamic), run on the
+    CPU: the same blocks as the eager builder at three row lengths, one graph per window, no
+    recompile from one length to the next (a static first compile would recompile at the second)."""
+    from prefixpo.modeling import compiled_graphs
+
+    gen = torch.Generator().manual_seed(1)
+    before = compiled_graphs()
+    for window in (None, 40):
+        for length in (256, 384, 640):
+            groups = []
+            while sum(g.num_tokens for g in groups) < length - 70:
+                ids = torch.randint(1, 50, (30,), generator=gen).tolist()
+                groups.append(Group(ids[:12], [ids[12:20], ids[20:]]))
+            batch = build_batch([[layout_group(g) for g in groups]], row_length=length)
+            eager = flex_block_mask(batch, window, compiled=False)
+            built = flex_block_mask(batch, window, compiled=True)
+            assert built.shape == eager.shape == (1, 1, length, length)
+            assert torch.equal(built.to_dense(), eager.to_dense()), (window, length)
+    assert compiled_graphs() - before == 2

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 PAD_DOCUMENT = -1  # document id of padding tokens: they form their own document and are never scored
+MAX_RESPONSES = 4095  # per group: a response's segment id (1, 2, ...) fits the 12 low bits of its mask code
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def layout_group(group: Group, share_prefix: bool = True) -> GroupLayout:
                          "position predicts the first token of every response")
     if not responses:
         raise ValueError("a group needs at least one response")
+    if len(responses) > MAX_RESPONSES:
+        raise ValueError(f"a group has {len(responses)} responses; the attention mask holds at most {MAX_RESPONSES}")
     for i, r in enumerate(responses):
         if not r:
             raise ValueError(f"response {i} of the group is empty: every response needs at least one token")

@@ -22,23 +22,22 @@ from collections.abc import Callable
 
 import torch
 
-from prefixpo.layout import Batch
+from prefixpo.layout import MAX_RESPONSES, Batch
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-SEGMENT_BITS = 12  # responses per group < 4096
+SEGMENT_BITS = MAX_RESPONSES.bit_length()  # the low bits of a token's code: its segment (response)
 
 
 def token_codes(document_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
     """One int32 code per token, ``document * 4096 + segment``, so the rule reads two values per
     (q, k) instead of four. A prompt token's code is its group's code with the low bits clear.
+    (``layout_group`` refuses a group with more responses than the low bits hold.)
 
     >>> token_codes(torch.tensor([[0, 0, 1, -1]]), torch.tensor([[0, 2, 1, 0]])).tolist()
     [[0, 2, 4097, -4096]]
     """
-    if segment_ids.numel() and int(segment_ids.max()) >= 1 << SEGMENT_BITS:
-        raise ValueError(f"a group has more than {(1 << SEGMENT_BITS) - 1} responses")
     return (document_ids.to(torch.int32) << SEGMENT_BITS) | segment_ids.to(torch.int32)
 
 
@@ -75,22 +74,30 @@ def dense_mask(batch: Batch, sliding_window: int | None = None) -> torch.Tensor:
     return mask_mod(b, None, q, k)[:, None]  # type: ignore[arg-type]
 
 
-@functools.cache
-def _compiled_create_block_mask():
+def _block_mask(document_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor,
+                sliding_window: int | None, block_size: int):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask, dynamic=True)  # rows and length symbolic: compiled once
+    rows, length = document_ids.shape
+    mask_mod = prefix_mask_mod(document_ids, segment_ids, position_ids, sliding_window)
+    return create_block_mask(mask_mod, rows, None, length, length, device=document_ids.device, BLOCK_SIZE=block_size)
 
 
-def flex_block_mask(batch: Batch, sliding_window: int | None = None, block_size: int = 128):
+@functools.cache
+def _compiled_block_mask():
+    return torch.compile(_block_mask, dynamic=None)
+
+
+def flex_block_mask(batch: Batch, sliding_window: int | None = None, block_size: int = 128, compiled: bool | None = None):
     """The rule as a FlexAttention ``BlockMask``; blocks with no allowed pair are skipped.
 
-    On CUDA the construction is compiled, so the dense [T, T] predicate is never materialised.
+    ``compiled`` (default: on CUDA) builds it through ``torch.compile``, so the dense [T, T]
+    predicate is never materialised: one graph for every row length (the length is marked
+    dynamic; the window and block size are constants of the graph).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    rows, length = batch.shape
-    device = batch.input_ids.device
-    mask_mod = prefix_mask_mod(batch.document_ids, batch.segment_ids, batch.position_ids, sliding_window)
-    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
-    return build(mask_mod, rows, None, length, length, device=device, BLOCK_SIZE=block_size)
+    layout = (batch.document_ids, batch.segment_ids, batch.position_ids)
+    if not (batch.input_ids.device.type == "cuda" if compiled is None else compiled):
+        return _block_mask(*layout, sliding_window, block_size)
+    for t in layout:
+        torch._dynamo.mark_dynamic(t, 1)
+    return _compiled_block_mask()(*layout, sliding_window, block_size)
