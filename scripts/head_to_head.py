@@ -536,7 +536,8 @@ def _commit() -> str | None:
     try:
         git = functools.partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, timeout=10)
         commit = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
-        return commit + ("+modified" if git(["git", "status", "--porcelain", "src", "scripts"]).stdout.strip() else "") \
+        changed = git(["git", "status", "--porcelain", "--untracked-files=no", "src", "scripts"]).stdout.strip()
+        return commit + ("+modified" if changed else "") \
             if commit else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -546,7 +547,8 @@ def source_digest(root: Path = ROOT) -> str:
     """SHA-256 (12 hex digits) of prefixpo's sources and this script: which code ran, where a copy of
     the tree travels without its git history (compare with the digest of a checkout)."""
     digest = hashlib.sha256()
-    for path in sorted((root / "src" / "prefixpo").rglob("*.py")) + [root / "scripts" / "head_to_head.py"]:
+    sources = [p for p in (root / "src" / "prefixpo").rglob("*") if p.suffix in (".py", ".json")]  # profiles.json
+    for path in sorted(sources) + [root / "scripts" / "head_to_head.py"]:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 

@@ -175,11 +175,11 @@ def test_packing_num_buckets_must_be_a_count(value):
 def test_static_compiled_layers_need_bucketed_rows():
     from prefixpo.config import ConfigError, TrainConfig
 
-    with pytest.raises(ConfigError, match="`torch_compile_dynamic`: false compiles a graph per row length, and "
-                                          "packing_num_buckets: 0 makes rows of any length"):
-        TrainConfig(model_name_or_path="m", dataset="d.jsonl", packing_num_buckets=0,
-                    torch_compile_dynamic=False).validate()
-    TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_dynamic=False).validate()
+    for explicit in ({"packing_num_buckets": 0}, {}):  # 0 is the default
+        with pytest.raises(ConfigError, match=r"`torch_compile_dynamic`: false compiles a graph per row length, and "
+                                              r"packing_num_buckets: 0 \(the default\) makes rows of any length"):
+            TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_dynamic=False, **explicit).validate()
+    TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_dynamic=False, packing_num_buckets=4).validate()
 
 
 def test_a_compile_mode_is_one_torch_compile_knows():
@@ -189,3 +189,26 @@ def test_a_compile_mode_is_one_torch_compile_knows():
                                           "max-autotune, max-autotune-no-cudagraphs, got 'fast'"):
         TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_mode="fast").validate()
     TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_mode="reduce-overhead").validate()
+
+
+def test_rows_of_any_length_warm_the_shortest_row_and_the_quantiles():
+    """``packing_num_buckets: 0``: the lengths the warm-up runs are the quantiles of the first
+    epoch's rows, the capacity, and the shortest row (a compiled graph guarded on a length range is
+    then met below and above any one threshold before step 1); with buckets, the buckets alone."""
+    from prefixpo.config import TrainConfig
+    from prefixpo.layout import Group, round_up
+    from prefixpo.packing import data_buckets
+    from prefixpo.trainer import epoch_plans, group_lengths, row_layout
+
+    groups = [Group([1] * n, [[2] * 5, [3] * 7]) for n in (3, 300, 400, 500, 600, 700, 800, 900)]
+    for buckets in (0, 3):
+        cfg = TrainConfig(model_name_or_path="m", dataset="d.jsonl", per_device_train_batch_size=1,
+                          packing_num_buckets=buckets, max_length=1024)
+        cfg.validate()
+        capacity, lengths = row_layout(cfg, groups, [], world=1)
+        sizes = group_lengths(groups, cfg)
+        used = [sum(sizes[i] for i in row) for plan in epoch_plans(groups, cfg, 0, 1, capacity)
+                for step in plan for mb in step for row in mb]
+        quantiles = data_buckets(used, capacity, buckets or 4)
+        assert lengths == (sorted({round_up(min(used), 128), *quantiles}) if buckets == 0 else quantiles)
+        assert lengths[-1] == capacity and (buckets or lengths[0] == 128 < quantiles[0])

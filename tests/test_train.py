@@ -563,6 +563,8 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
         return compile_module(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "compile", recorded)
+    marks = []  # CUDA graphs' step starts: every forward_backward in reduce-overhead, none otherwise
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
 
     from prefixpo.modeling import load_model
 
@@ -577,6 +579,7 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
     counters.clear()
     assert main(["train", "--config", str(config)]) == 0
     assert modes and set(modes) == {None if mode == "default" else mode}  # every layer, policy and reference
+    assert len(marks) >= 12 + 3 if mode == "reduce-overhead" else not marks  # 12 steps, 3 evaluations, warm-up
     assert not counters["graph_break"], dict(counters["graph_break"])
     err = capsys.readouterr().err
     lengths = json.loads(re.search(r"row lengths (\[[0-9, ]+\])", err).group(1))
@@ -587,9 +590,9 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
 
 
 def test_rows_of_any_length_run_the_compiled_layers_without_a_recompile(tmp_path, capsys, monkeypatch):
-    """``packing_num_buckets: 0``: packed rows are padded only to a multiple (8 on CPU), so the run
-    meets many row lengths; the layers' one graph has a symbolic length, the warm-up runs a few
-    lengths, and no graph is compiled after step 1."""
+    """``packing_num_buckets: 0`` (the default): packed rows are padded only to a multiple (8 on
+    CPU), so the run meets many row lengths; the layers' one graph has a symbolic length, the
+    warm-up runs a few lengths, and no graph is compiled after step 1."""
     import prefixpo.trainer
 
     padded, make_batch = [], prefixpo.trainer.make_batch
@@ -603,7 +606,7 @@ def test_rows_of_any_length_run_the_compiled_layers_without_a_recompile(tmp_path
     data = varied_pairs(tmp_path / "pairs.jsonl")
     config = write_config(tmp_path, dataset=str(data), max_length=256, max_samples=None,
                           per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=12,
-                          save_steps=None, torch_compile=True, packing=True, packing_num_buckets=0)
+                          save_steps=None, torch_compile=True, packing=True)
     assert main(["train", "--config", str(config)]) == 0
     err = capsys.readouterr().err
     warmed = int(re.search(r"warm-up: (\d+) row lengths", err).group(1))
@@ -663,3 +666,10 @@ def test_the_step_profiler_script_profiles_a_running_train(tmp_path):
     empty = subprocess.run([*script, "--steps", "3:3", "--out", str(tmp_path / "empty")], capture_output=True,
                            text=True, timeout=300)
     assert empty.returncode != 0 and empty.stderr.strip() == "--steps takes first:last with 1 <= first < last, got 3:3"
+
+
+def test_a_compile_mode_without_compiled_layers_says_it_has_no_effect(tmp_path, capsys):
+    config = write_config(tmp_path, max_steps=1, save_steps=None, torch_compile=False,
+                          torch_compile_mode="reduce-overhead")
+    assert main(["train", "--config", str(config)]) == 0
+    assert "note: torch_compile_mode reduce-overhead has no effect: the layers are not compiled" in capsys.readouterr().err

@@ -100,7 +100,8 @@ def test_conversions():
     assert cfg["reference_mode"] == "precomputed" and cfg["lora_dropout"] == 0.1
     assert cfg["loss_params"] == {"tau": 0.1}
     for mode, ours in (("reduce-overhead", "reduce-overhead"), (None, "default")):  # transformers' unset is None
-        assert from_trl({"dataset_name": "d", "torch_compile_mode": mode})[0]["torch_compile_mode"] == ours
+        cfg = from_trl({"dataset_name": "d", "torch_compile_mode": mode, "torch_compile": False})[0]
+        assert cfg["torch_compile_mode"] == ours and cfg["torch_compile"] is (mode is not None)  # a mode compiles
 
 
 @pytest.mark.parametrize("raw, key", [({"max_length": None}, "max_length"), ({"dtype": "auto"}, "dtype"),

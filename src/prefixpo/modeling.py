@@ -258,8 +258,9 @@ def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64,
     layers compiled. ``dynamic``: one graph with a symbolic row length for every length (compiled
     once), or static shapes, one graph per row length (``prefixpo bench``'s way, a compile each).
     ``max_shapes``: graphs kept per layer before dynamo gives up compiling it. ``mode``:
-    ``torch.compile``'s (``reduce-overhead`` replays each layer's kernels as a CUDA graph, recorded
-    once per row length; a caller marks each step's start, ``cudagraph_step``)."""
+    ``torch.compile``'s (``reduce-overhead`` and ``max-autotune`` replay each layer's kernels as CUDA
+    graphs, which PyTorch records for each new shape and place in the step; the caller marks each
+    step's start with ``torch.compiler.cudagraph_mark_step_begin``, see ``uses_cuda_graphs``)."""
     import torch._dynamo
 
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",

@@ -126,7 +126,7 @@ class TrainConfig:
     # packed groups; a dense mask (CPU, attention_backend sdpa) costs a packed row its length squared
     packing: bool | str = "auto"
     packing_capacity: int | str = "auto"  # auto: micro-batch size x the longest group, in multiples of 128
-    packing_num_buckets: int = 4  # packed row lengths, from the data; 0: any multiple of 128
+    packing_num_buckets: int = 0  # packed row lengths, from the data; 0: any multiple of 128
     attention_backend: str = "auto"
     logps_chunk_size: int = 1024
     # output, logging, evaluation
@@ -236,7 +236,8 @@ class TrainConfig:
             raise _bad("torch_compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {self.torch_compile_mode!r}")
         if not self.torch_compile_dynamic and self.packing_num_buckets == 0:
             raise _bad("torch_compile_dynamic", "false compiles a graph per row length, and packing_num_buckets: 0 "
-                       "makes rows of any length; set packing_num_buckets to a number of lengths (e.g. 4)")
+                       "(the default) makes rows of any length; set packing_num_buckets to a number of lengths "
+                       "(e.g. 4)")
         if self.packing is not False and self.packing_capacity != "auto" and self.packing_capacity < self.max_length:
             raise _bad("packing_capacity", f"({self.packing_capacity}) must be at least max_length "
                        f"({self.max_length}), so every group fits in a row")

@@ -205,7 +205,8 @@ def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Gr
     eval group (so a training row holds no more tokens than TRL's micro-batch of the longest groups,
     padded); the row lengths are ``packing_num_buckets`` quantiles of the first epoch's rows of every
     rank (``packing.data_buckets``), the capacity the last of them (with ``packing_num_buckets: 0``,
-    up to 4 such lengths, which the warm-up runs while rows take any multiple of 128)."""
+    the default, up to 4 such lengths and the shortest row's, which the warm-up runs while rows take
+    any multiple of 128)."""
     if not packed:
         return None, None
     longest = max(group_lengths(train_groups + eval_groups, cfg))
@@ -219,7 +220,10 @@ def row_layout(cfg: TrainConfig, train_groups: list[Group], eval_groups: list[Gr
     lengths = group_lengths(train_groups, cfg)
     used = [sum(lengths[i] for i in row) for plan in epoch_plans(train_groups, cfg, 0, world, capacity)
             for step in plan for mb in step for row in mb]
-    return capacity, data_buckets(used, capacity, cfg.packing_num_buckets or 4)
+    lengths = data_buckets(used, capacity, cfg.packing_num_buckets or 4)
+    if not cfg.packing_num_buckets and used:  # rows of any length: the warm-up runs the shortest too
+        lengths = sorted({round_up(min(used), 128), *lengths})
+    return capacity, lengths
 
 
 def make_batch(groups: list[Group], rows: list[list[int]], cfg: TrainConfig, device: torch.device,
@@ -363,6 +367,10 @@ def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> Sc
         print(note, file=sys.stderr)
     if compiles(cfg, engine):
         compile_layers(model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode)
+    elif cfg.torch_compile_mode != "default" and engine.accelerator.is_main_process:
+        print(f"note: torch_compile_mode {cfg.torch_compile_mode} has no effect: the layers are not compiled "
+              "(torch_compile: auto compiles them on CUDA with packing, not under DeepSpeed; true compiles them)",
+              file=sys.stderr)
     return ScoredLM(model)
 
 

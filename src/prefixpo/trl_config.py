@@ -269,7 +269,8 @@ MAPPED: dict[str, str | Converter] = {
     "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2", "adam_epsilon": "adam_epsilon",
     "max_grad_norm": "max_grad_norm", "optim": optim, "seed": "seed", "bf16": consumed, "fp16": consumed,
     "gradient_checkpointing": "gradient_checkpointing", "torch_compile": "torch_compile",
-    "torch_compile_mode": lambda v, _: {"torch_compile_mode": v or "default"},
+    # as in transformers, a mode turns compilation on
+    "torch_compile_mode": lambda v, _: {"torch_compile_mode": v or "default", **({"torch_compile": True} if v else {})},
     "activation_offloading": "activation_offloading",
     "logging_steps": lambda v, _: {"logging_steps": steps("logging_steps", v)},
     "eval_strategy": eval_strategy, "eval_steps": consumed, "save_strategy": save_strategy,
