@@ -2,8 +2,8 @@
 
 Groups are never split. Each epoch the groups are shuffled (seed + epoch), cut into windows,
 and each window is packed first-fit-decreasing, so rows fill well while the data order stays
-random and reproducible. Rows are padded to the smallest of a few bucket lengths, so compiled
-kernels see few shapes::
+random and reproducible. Rows are padded to a multiple of 128, or to the smallest of a few
+bucket lengths, so that statically compiled kernels see few shapes::
 
     lengths [5, 3, 4, 2], capacity 8, window 4 -> decreasing 5 4 3 2 -> rows [[5, 3], [4, 2]]
 """
