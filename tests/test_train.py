@@ -673,3 +673,26 @@ def test_a_compile_mode_without_compiled_layers_says_it_has_no_effect(tmp_path, 
                           torch_compile_mode="reduce-overhead")
     assert main(["train", "--config", str(config)]) == 0
     assert "note: torch_compile_mode reduce-overhead has no effect: the layers are not compiled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant", "constant_with_warmup"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_the_learning_rate_schedules_are_transformers(name, warmup):
+    """prefixpo's schedules (written out, to keep transformers.optimization out of the start-up)
+    give transformers' ``get_scheduler`` learning rates at every step, the end included."""
+    from transformers import get_scheduler
+
+    from prefixpo.trainer import lr_schedule
+
+    rates = []
+    for make in (lambda opt: lr_schedule(name, opt, warmup, 10),
+                 lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=10)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        schedule, seen = make(opt), []
+        for _ in range(12):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.step()
+        rates.append(seen)
+    assert rates[0] == pytest.approx(rates[1], abs=1e-15)
+    assert len(set(rates[0])) > 1 or name == "constant" or (name, warmup) == ("constant_with_warmup", 0)

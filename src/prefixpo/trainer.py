@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from prefixpo.checkpoint import (
@@ -44,8 +44,6 @@ from prefixpo.checkpoint import (
 )
 from prefixpo.config import ConfigError, TrainConfig, save_config
 from prefixpo.data.mixture import load_mixture
-from prefixpo.engine.deepspeed import DeepSpeedEngine
-from prefixpo.engine.fsdp import FSDPEngine
 from prefixpo.engine.plain import Engine
 from prefixpo.guards import Divergence, StopSignals, TrainingError, written_whole
 from prefixpo.layout import Batch, Group, round_up
@@ -307,8 +305,15 @@ class Run:
 def choose_engine(accelerator: Any, cfg: TrainConfig) -> Engine:
     """The engine of accelerate's launch configuration, chosen once; its checks of ``cfg`` and its
     settings (the DeepSpeed config, FSDP2's precision) come before any model loads."""
-    engines = {DistributedType.FSDP: FSDPEngine, DistributedType.DEEPSPEED: DeepSpeedEngine}
-    return engines.get(accelerator.distributed_type, Engine)(accelerator, cfg)
+    if accelerator.distributed_type == DistributedType.FSDP:  # imported here: torch's FSDP takes a second to import
+        from prefixpo.engine.fsdp import FSDPEngine
+
+        return FSDPEngine(accelerator, cfg)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from prefixpo.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(accelerator, cfg)
+    return Engine(accelerator, cfg)
 
 
 def setup_accelerator(cfg: TrainConfig) -> tuple[Any, Engine]:
@@ -389,10 +394,33 @@ def setup_optimizer(cfg: TrainConfig, engine: Engine, policy: torch.nn.Module,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   weight_decay=cfg.weight_decay, fused=engine.device.type == "cuda")
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
+    scheduler = lr_schedule(cfg.lr_scheduler_type, optimizer, warmup, total_steps)
     policy = engine.prepare(policy, optimizer)
     return policy, engine.optimizer, scheduler
+
+
+def lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup: int,
+                total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate factor of transformers' ``get_scheduler`` for ``linear``, ``cosine`` (half a
+    cycle), ``constant`` (no warm-up, as there) and ``constant_with_warmup``, written here because
+    importing ``transformers.optimization`` imports peft and model code, seconds of every start-up
+    (tests/test_train.py compares the two step by step)."""
+
+    def factor(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warmup:
+            return step / max(1, warmup)
+        if name == "constant_with_warmup":
+            return 1.0
+        if name == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    if name not in ("linear", "cosine", "constant", "constant_with_warmup"):
+        raise ValueError(f"unknown lr_scheduler_type {name!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
