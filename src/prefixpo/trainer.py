@@ -92,6 +92,7 @@ from prefixpo.reference import (
 from prefixpo.rundir import DONE_MARKER, finished_record
 from prefixpo.samples import eval_samples, sample_model_of
 from prefixpo.step import StepResult, activation_offload, preference_step, sft_step
+from prefixpo.train_config import SCHEDULERS
 
 # --- loading ------------------------------------------------------------------------------------
 
@@ -418,7 +419,7 @@ def lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup: int,
         progress = (step - warmup) / max(1, total - warmup)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-    if name not in ("linear", "cosine", "constant", "constant_with_warmup"):
+    if name not in SCHEDULERS:
         raise ValueError(f"unknown lr_scheduler_type {name!r}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
