@@ -24,8 +24,8 @@ Same data on both sides: each profile's synthetic groups (``sample_groups``) are
 of ``{"prompt", "chosen", "rejected"}`` strings (TRL's standard format) whose words are token ids
 (``w17`` is id 17), and a word-level tokenizer (no BOS; EOS appended to each response by both
 trainers) is saved beside the model, so N words are N ids on both sides. Same model and weights: the
-``--model`` shape of the profiles file (default ``llama-1b``) with random weights (seed 0), saved once
-as a model directory both trainers load. Settings:
+``--model`` shape of the profiles file (default ``llama-1b``) with random weights (seed 0, drawn on the
+benchmark's device), saved once as a model directory both trainers load. Settings:
 
 - ``trl-default``: TRL's defaults for a model path: fp32 weights, ``bf16=True`` autocast;
 - ``trl-best``: bf16 weights (``model_init_kwargs={"dtype": "bfloat16"}``) and cuDNN SDPA off;
@@ -133,21 +133,23 @@ def make_groups(profiles: dict, name: str, vocab_size: int, pairs: int, seed: in
     return [([i + shift for i in g.prompt_ids], [[i + shift for i in r] for r in g.response_ids]) for g in groups]
 
 
-def prepare_model(model: str, profiles: dict, out: Path) -> tuple[Path, int, str]:
+def prepare_model(model: str, profiles: dict, out: Path, device: str = "cpu") -> tuple[Path, int, str]:
     """``(model directory, vocab size, description)``: an existing directory as it is, else the
-    profiles' model shape or a config JSON with random bf16 weights (seed 0), saved once under OUT."""
+    profiles' model shape or a config JSON with random bf16 weights (seed 0) drawn on ``device``
+    (an 8B model's take minutes on the CPU, a second on a GPU), saved once under OUT."""
     if os.path.isdir(model):
         with open(Path(model) / "config.json") as f:
             config = json.load(f)
         return Path(model).resolve(), config["vocab_size"], model
+    import torch
+
     model_dir = out / "model"
     marker = model_dir / "head_to_head.json"
-    source = {"model": model if model in profiles.get("models", {}) else str(Path(model).resolve()), "seed": 0}
+    source = {"model": model if model in profiles.get("models", {}) else str(Path(model).resolve()), "seed": 0,
+              "device": torch.device(device).type}  # a seed draws other weights on another device type
     if marker.is_file() and json.loads(marker.read_text()) == source:
         config = json.loads((model_dir / "config.json").read_text())
         return model_dir, config["vocab_size"], model
-    import torch
-
     from prefixpo.modeling import load_model
 
     config = _model_config(model, profiles)
@@ -155,7 +157,11 @@ def prepare_model(model: str, profiles: dict, out: Path) -> tuple[Path, int, str
         config.architectures = [type(config).__name__.removesuffix("Config") + "ForCausalLM"]
     config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
     shutil.rmtree(model_dir, ignore_errors=True)
-    load_model(config, dtype=torch.bfloat16, seed=0).save_pretrained(model_dir)
+    weights = load_model(config, dtype=torch.bfloat16, seed=0, device=device)
+    weights.save_pretrained(model_dir)
+    del weights
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the trainers run in processes of their own
     save_tokenizer(config.vocab_size, model_dir)
     marker.write_text(json.dumps(source))
     return model_dir, config.vocab_size, model
@@ -466,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.profiles.split(",") if n.strip()]
     if unknown := [n for n in names if n not in profiles["profiles"]]:
         raise SystemExit(f"unknown profiles {unknown}; the profiles are {', '.join(profiles['profiles'])}")
-    model_dir, vocab_size, model_name = prepare_model(args.model, profiles, out)
+    model_dir, vocab_size, model_name = prepare_model(args.model, profiles, out, device)
     tokenizer_dir = out / "tokenizer"
     save_tokenizer(vocab_size, tokenizer_dir)
     seed = profiles.get("defaults", {}).get("seed", 0) if args.seed is None else args.seed
