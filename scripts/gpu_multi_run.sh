@@ -10,7 +10,10 @@
 # (4 and 8 packed rows per optimizer step). Another model shape, profile or GPU count: SHAPE
 # (llama-1b), PROFILE (capybara), ROWS (512), MAX_LENGTH (2842, above capybara's longest pair),
 # NGPU (2; GA must be a multiple of it), WEIGHTS_DEVICE (cpu, the published weights; cuda draws an
-# 8B model's in seconds), e.g. NGPU=8 SHAPE=llama-8b WEIGHTS_DEVICE=cuda GA=8 ... Parts:
+# 8B model's in seconds, other weights), PORT (29530, the first of four rendezvous ports). A larger
+# model needs its own EXTRA (e.g. --gradient_checkpointing true), BUDGET and part limits
+# (ONE_LIMIT, MULTI_LIMIT, RESUME_LIMIT, LOAD_LIMIT, PLAIN_LIMIT); none but the defaults has run.
+# TITLE names the loss plot (default "DPO on SHAPE, PROFILE profile"). Parts:
 #   0. the SHAPE shape of the benchmark profiles with random weights (seed 0), saved to $MODEL by
 #      scripts/make_bench_model.py; ROWS synthetic PROFILE-profile rows
 #      (scripts/make_synthetic_pairs.py) unless TRAIN names a dataset
@@ -36,6 +39,8 @@ BUDGET=${BUDGET:-500}            # seconds for parts 0-5; the summary gets its o
 STEPS=${STEPS:-40} SAVE=${SAVE:-20} RESUME_STEPS=${RESUME_STEPS:-4} GA=${GA:-4} PLAIN_STEPS=${PLAIN_STEPS:-15}
 NGPU=${NGPU:-2} SHAPE=${SHAPE:-llama-1b} PROFILE=${PROFILE:-capybara} ROWS=${ROWS:-512}
 MAX_LENGTH=${MAX_LENGTH:-2842} WEIGHTS_DEVICE=${WEIGHTS_DEVICE:-cpu}
+if ! [[ $NGPU =~ ^[1-9][0-9]*$ ]]; then echo "NGPU must be a positive whole number, got '$NGPU'"; exit 2; fi
+PORT=${PORT:-29530}
 if (( GA % NGPU != 0 )); then echo "GA ($GA) must be a multiple of NGPU ($NGPU): the same rows per step on 1 and NGPU GPUs"; exit 2; fi
 MODEL=${MODEL:-/tmp/$SHAPE}
 WORK=${WORK:-/tmp/multi}
@@ -106,32 +111,32 @@ COMMON=(--model_name_or_path "$MODEL" --tokenizer_name_or_path examples/quicksta
     --packing true --packing_capacity 8192 --packing_num_buckets "${BUCKETS:-4}" --bf16 true --attention_backend flex --torch_compile false
     --logging_steps 1 --disable_progress_bar true "${EXTRA_ARGS[@]}")
 # shellcheck disable=SC2086
-part one ${ONE_LIMIT:-160} env $ONE_GPU $LAUNCH1 $PORT_FLAG 29530 $ENTRY train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
+part one ${ONE_LIMIT:-160} env $ONE_GPU $LAUNCH1 $PORT_FLAG "$PORT" $ENTRY train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
     --max_steps "$STEPS" --output_dir "$WORK/one"
 # shellcheck disable=SC2086
-part multi ${MULTI_LIMIT:-190} $LAUNCH $PORT_FLAG 29531 $ENTRY train "${COMMON[@]}" \
+part multi ${MULTI_LIMIT:-190} $LAUNCH $PORT_FLAG $(( PORT + 1 )) $ENTRY train "${COMMON[@]}" \
     --gradient_accumulation_steps $(( GA / NGPU )) --max_steps "$STEPS" --save_steps "$SAVE" --output_dir "$WORK/multi"
 ls -la "$WORK/multi/checkpoint-$SAVE" "$WORK/multi/checkpoint-$SAVE/sharded" > "$OUT/checkpoint-listing.txt" 2>&1
 # shellcheck disable=SC2086
-part resume 130 $LAUNCH $PORT_FLAG 29532 $ENTRY train "${COMMON[@]}" \
+part resume ${RESUME_LIMIT:-130} $LAUNCH $PORT_FLAG $(( PORT + 2 )) $ENTRY train "${COMMON[@]}" \
     --gradient_accumulation_steps $(( GA / NGPU )) --max_steps $(( SAVE + RESUME_STEPS )) --save_steps null \
     --resume_from_checkpoint "$WORK/multi/checkpoint-$SAVE" --output_dir "$WORK/resume"
 # the same resume again: how far two runs of the same state drift apart (GPU kernels are not deterministic)
 # shellcheck disable=SC2086
-part resume2 130 $LAUNCH $PORT_FLAG 29533 $ENTRY train "${COMMON[@]}" \
+part resume2 ${RESUME_LIMIT:-130} $LAUNCH $PORT_FLAG $(( PORT + 3 )) $ENTRY train "${COMMON[@]}" \
     --gradient_accumulation_steps $(( GA / NGPU )) --max_steps $(( SAVE + RESUME_STEPS )) --save_steps null \
     --resume_from_checkpoint "$WORK/multi/checkpoint-$SAVE" --output_dir "$WORK/resume2"
 CHECKPOINT=$WORK/multi/checkpoint-$SAVE
 [ -d "$CHECKPOINT" ] || CHECKPOINT=  # not saved (SAVE beyond STEPS)
 # shellcheck disable=SC2086
-part load 80 $PY scripts/multi_gpu_summary.py load "$WORK/multi/final" $CHECKPOINT \
+part load ${LOAD_LIMIT:-80} $PY scripts/multi_gpu_summary.py load "$WORK/multi/final" $CHECKPOINT \
     --out "$OUT/from_pretrained.json"
 # shellcheck disable=SC2086
-part plain 100 env $ONE_GPU $PY -m prefixpo.cli train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
+part plain ${PLAIN_LIMIT:-100} env $ONE_GPU $PY -m prefixpo.cli train "${COMMON[@]}" --gradient_accumulation_steps "$GA" \
     --max_steps "$PLAIN_STEPS" --output_dir "$WORK/plain"
 
 BUDGET=$(( BUDGET + 40 ))
-part summary 40 $PY scripts/multi_gpu_summary.py summary --gpus "$NGPU" --title "DPO on $SHAPE, $PROFILE profile" \
+part summary 40 $PY scripts/multi_gpu_summary.py summary --gpus "$NGPU" --title "${TITLE:-DPO on $SHAPE, $PROFILE profile}" \
     --one "$WORK/one" --multi "$WORK/multi" \
     --resume "$WORK/resume" --resume2 "$WORK/resume2" --plain "$WORK/plain" --loaded "$OUT/from_pretrained.json" --out "$OUT"
 for run in one multi resume resume2 plain; do

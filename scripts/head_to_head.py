@@ -24,8 +24,8 @@ Same data on both sides: each profile's synthetic groups (``sample_groups``) are
 of ``{"prompt", "chosen", "rejected"}`` strings (TRL's standard format) whose words are token ids
 (``w17`` is id 17), and a word-level tokenizer (no BOS; EOS appended to each response by both
 trainers) is saved beside the model, so N words are N ids on both sides. Same model and weights: the
-``--model`` shape of the profiles file (default ``llama-1b``) with random weights (seed 0, drawn on the
-benchmark's device), saved once as a model directory both trainers load. Settings:
+``--model`` shape of the profiles file (default ``llama-1b``) with random weights (seed 0, drawn on
+``--weights-device``), saved once as a model directory both trainers load. Settings:
 
 - ``trl-default``: TRL's defaults for a model path: fp32 weights, ``bf16=True`` autocast;
 - ``trl-best``: bf16 weights (``model_init_kwargs={"dtype": "bfloat16"}``) and cuDNN SDPA off;
@@ -136,7 +136,8 @@ def make_groups(profiles: dict, name: str, vocab_size: int, pairs: int, seed: in
 def prepare_model(model: str, profiles: dict, out: Path, device: str = "cpu") -> tuple[Path, int, str]:
     """``(model directory, vocab size, description)``: an existing directory as it is, else the
     profiles' model shape or a config JSON with random bf16 weights (seed 0) drawn on ``device``
-    (an 8B model's take minutes on the CPU, a second on a GPU), saved once under OUT."""
+    (``--weights-device``; an 8B model's take minutes on the CPU, seconds on a GPU, and are other
+    weights), saved once under OUT."""
     if os.path.isdir(model):
         with open(Path(model) / "config.json") as f:
             config = json.load(f)
@@ -439,6 +440,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=1e-6, help="both trainers (default 1e-6, both defaults)")
     p.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the steady rate (default 5)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on for both trainers")
+    p.add_argument("--weights-device", default="cpu",
+                   help="where the random weights are drawn (default cpu, as in the published runs; cuda draws "
+                        "an 8B model's in seconds, but other weights)")
     p.add_argument("--seed", type=int, default=None, help="data seed (default the profiles file's)")
     p.add_argument("--prefixpo-set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra prefixpo config key (YAML value), repeatable, e.g. packing=true")
@@ -472,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.profiles.split(",") if n.strip()]
     if unknown := [n for n in names if n not in profiles["profiles"]]:
         raise SystemExit(f"unknown profiles {unknown}; the profiles are {', '.join(profiles['profiles'])}")
-    model_dir, vocab_size, model_name = prepare_model(args.model, profiles, out, device)
+    model_dir, vocab_size, model_name = prepare_model(args.model, profiles, out, args.weights_device)
     tokenizer_dir = out / "tokenizer"
     save_tokenizer(vocab_size, tokenizer_dir)
     seed = profiles.get("defaults", {}).get("seed", 0) if args.seed is None else args.seed
