@@ -544,8 +544,9 @@ def varied_pairs(path: Path, rows: int = 48, seed: int = 0) -> Path:
     return path
 
 
-@pytest.mark.parametrize("dynamic, mode", [(True, "default"), (False, "default"), (True, "reduce-overhead")])
-def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeypatch, dynamic, mode):
+@pytest.mark.parametrize("dynamic, mode, scope", [(True, "default", "layers"), (False, "default", "layers"),
+                                                 (True, "reduce-overhead", "layers"), (True, "default", "model")])
+def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeypatch, dynamic, mode, scope):
     """With compiled layers every packed row length is compiled before step 1 (training step and
     evaluation alike): no graph is compiled after it (``recompiles`` 0 in every train record),
     while the rows of the run do come in several lengths. Each layer is one graph: nothing in it
@@ -553,13 +554,15 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
     comes from a directory, as pretrained models do (transformers loads it in evaluation mode).
     Layers compiled with a symbolic row length, or statically (a graph per length); in
     ``torch_compile_mode`` (reduce-overhead's CUDA graphs are not recorded on the CPU: the step
-    marking runs, the graphs are the default's)."""
+    marking runs, the graphs are the default's). ``torch_compile_scope: model``: the whole decoder
+    is the compiled module instead of each layer, for the policy and the reference."""
     from torch._dynamo.utils import counters
 
-    modes, compile_module = [], torch.nn.Module.compile
+    modes, compiled, compile_module = [], [], torch.nn.Module.compile
 
     def recorded(module, *args, **kwargs):
         modes.append(kwargs.get("mode"))
+        compiled.append(type(module).__name__)
         return compile_module(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "compile", recorded)
@@ -575,10 +578,12 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
                           max_samples=None, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=12, save_steps=None, torch_compile=True, packing=True, packing_num_buckets=3,
                           eval_dataset=str(data), eval_steps=6, torch_compile_dynamic=dynamic,
-                          torch_compile_mode=mode)
+                          torch_compile_mode=mode, torch_compile_scope=scope)
     counters.clear()
     assert main(["train", "--config", str(config)]) == 0
     assert modes and set(modes) == {None if mode == "default" else mode}  # every layer, policy and reference
+    layers = json.loads((QUICK / "model" / "config.json").read_text())["num_hidden_layers"]
+    assert compiled == (["LlamaModel"] * 2 if scope == "model" else ["LlamaDecoderLayer"] * (2 * layers))
     assert len(marks) >= 12 + 3 if mode == "reduce-overhead" else not marks  # 12 steps, 3 evaluations, warm-up
     assert not counters["graph_break"], dict(counters["graph_break"])
     err = capsys.readouterr().err
@@ -587,6 +592,44 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
     assert len(train) == 12 and [r["recompiles"] for r in train] == [0] * 12
     assert len({-(-r["rank_tokens"][0] // 128) for r in train}) >= 2  # rows of several lengths
     assert len(lengths) >= 2 and err.count("compiling: row length") == len(lengths) + 1
+
+
+def test_the_whole_compiled_decoder_trains_as_the_uncompiled_model(tmp_path):
+    """``torch_compile_scope: model`` (one graph for the decoder, policy and reference) logs the
+    losses and ends with the weights of the same run uncompiled, in fp32 on the CPU."""
+    data = varied_pairs(tmp_path / "pairs.jsonl")
+    runs = {}
+    for name, compiled in (("eager", {"torch_compile": False}), ("model", {"torch_compile": True,
+                                                                          "torch_compile_scope": "model"})):
+        directory = tmp_path / name
+        directory.mkdir()
+        config = write_config(directory, dataset=str(data), max_length=256, max_samples=None,
+                              per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=4,
+                              save_steps=None, packing=True, learning_rate=1e-3, **compiled)
+        assert main(["train", "--config", str(config)]) == 0
+        runs[name] = directory / "run"
+    eager, model = ([r["loss"] for r in records(runs[k]) if r["split"] == "train"] for k in ("eager", "model"))
+    assert len(eager) == 4 and eager[1] != eager[0]
+    assert model == pytest.approx(eager, abs=1e-5)
+    assert_close_weights(runs["eager"] / "final", runs["model"] / "final")
+
+
+def test_the_whole_decoder_is_compiled_on_one_process_only(tmp_path, monkeypatch):
+    """Under FSDP2 or DeepSpeed the decoder's modules are wrapped one by one: ``torch_compile_scope:
+    model`` stops at once with the key named (the engine stood in for, not launched)."""
+    import prefixpo.trainer
+    from prefixpo.config import ConfigError
+    from prefixpo.train_config import TrainConfig
+
+    class Sharded:
+        name = "fsdp"
+
+    monkeypatch.setattr(prefixpo.trainer, "choose_engine", lambda accelerator, cfg: Sharded())
+    cfg = TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_scope="model",
+                      output_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="`torch_compile_scope`: model compiles the whole decoder as one graph "
+                                          "on one process or under DDP, not under fsdp"):
+        prefixpo.trainer.setup_accelerator(cfg)
 
 
 def test_rows_of_any_length_run_the_compiled_layers_without_a_recompile(tmp_path, capsys, monkeypatch):

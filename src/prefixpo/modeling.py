@@ -253,14 +253,18 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
-def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64, mode: str = "default") -> int:
+def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64, mode: str = "default",
+                   scope: str = "layers") -> int:
     """``torch.compile`` every decoder layer; all layers of the model share the graph. Returns the
     layers compiled. ``dynamic``: one graph with a symbolic row length for every length (compiled
     once), or static shapes, one graph per row length (``prefixpo bench``'s way, a compile each).
     ``max_shapes``: graphs kept per layer before dynamo gives up compiling it. ``mode``:
     ``torch.compile``'s (``reduce-overhead`` and ``max-autotune`` replay each layer's kernels as CUDA
     graphs, which PyTorch records for each new shape and place in the step; the caller marks each
-    step's start with ``torch.compiler.cudagraph_mark_step_begin``, see ``uses_cuda_graphs``)."""
+    step's start with ``torch.compiler.cudagraph_mark_step_begin``, see ``uses_cuda_graphs``).
+    ``scope="model"``: the whole decoder (embeddings, every layer, the final norm) is one graph
+    instead, called once a forward: no per-layer call overhead, but every layer traced and
+    compiled (a longer first compile); the layers are then not compiled one by one."""
     import torch._dynamo
 
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
@@ -268,8 +272,8 @@ def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64,
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), max_shapes))
     layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile(dynamic=dynamic, mode=None if mode == "default" else mode)
+    for module in [decoder_of(model)] if scope == "model" else layers:
+        module.compile(dynamic=dynamic, mode=None if mode == "default" else mode)
     return len(layers)
 
 

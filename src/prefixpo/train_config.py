@@ -23,6 +23,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REFERENCE_MODES = ("auto", "model", "precomputed", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("layers", "model")
 POSITIVE_INTEGERS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "logps_chunk_size", "max_length", "save_total_limit", "dataset_num_proc",
                      "ref_model_sync_steps")
@@ -93,6 +94,9 @@ class TrainConfig:
     # torch.compile's mode for the layers (transformers' key): default, reduce-overhead (CUDA graphs),
     # max-autotune, max-autotune-no-cudagraphs
     torch_compile_mode: str = "default"
+    # what one compiled graph holds: each decoder layer (compiled once, called per layer) or the
+    # whole decoder (one call a forward, what CUDA graphs need; a longer compile); one process or DDP
+    torch_compile_scope: str = "layers"
     activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss
     beta: float = 0.1
@@ -234,6 +238,9 @@ class TrainConfig:
             raise _bad("torch_compile_dynamic", f"must be true or false, got {self.torch_compile_dynamic!r}")
         if self.torch_compile_mode not in COMPILE_MODES:
             raise _bad("torch_compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {self.torch_compile_mode!r}")
+        if self.torch_compile_scope not in COMPILE_SCOPES:
+            raise _bad("torch_compile_scope", f"must be one of {', '.join(COMPILE_SCOPES)}, got "
+                       f"{self.torch_compile_scope!r}")
         if not self.torch_compile_dynamic and self.packing_num_buckets == 0:
             raise _bad("torch_compile_dynamic", "false compiles a graph per row length, and packing_num_buckets: 0 "
                        "(the default) makes rows of any length; set packing_num_buckets to a number of lengths "

@@ -323,6 +323,9 @@ def setup_accelerator(cfg: TrainConfig) -> tuple[Any, Engine]:
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out.parent)))
     engine = choose_engine(accelerator, cfg)
+    if cfg.torch_compile_scope == "model" and engine.name != "none":
+        raise ConfigError(f"config key `torch_compile_scope`: model compiles the whole decoder as one graph on one "
+                          f"process or under DDP, not under {engine.name}; use layers (the default)")
     if cfg.torch_num_threads:
         torch.set_num_threads(cfg.torch_num_threads)
     transformers_logging.disable_progress_bar()  # no loading and saving bars between the trainer's own lines
@@ -372,11 +375,14 @@ def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> Sc
     if engine.accelerator.is_main_process and cfg.stage == "preference" and (note := router_loss_note(model.config)):
         print(note, file=sys.stderr)
     if compiles(cfg, engine):
-        compile_layers(model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode)
-    elif cfg.torch_compile_mode != "default" and engine.accelerator.is_main_process:
-        print(f"note: torch_compile_mode {cfg.torch_compile_mode} has no effect: the layers are not compiled "
-              "(torch_compile: auto compiles them on CUDA with packing, not under DeepSpeed; true compiles them)",
-              file=sys.stderr)
+        compile_layers(model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode,
+                       scope=cfg.torch_compile_scope)
+    elif engine.accelerator.is_main_process:
+        for key, value, default in (("torch_compile_mode", cfg.torch_compile_mode, "default"),
+                                    ("torch_compile_scope", cfg.torch_compile_scope, "layers")):
+            if value != default:
+                print(f"note: {key} {value} has no effect: the layers are not compiled (torch_compile: auto "
+                      "compiles them on CUDA with packing, not under DeepSpeed; true compiles them)", file=sys.stderr)
     return ScoredLM(model)
 
 
@@ -457,7 +463,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
                                   and cfg.ref_model_name_or_path in (None, cfg.model_name_or_path))
     reference_model = sample_model_of(run.train_ref)
     if run.compiled and run.ref_mode == "model" and reference_model is not None:
-        compile_layers(reference_model.model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode)
+        compile_layers(reference_model.model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode,
+                       scope=cfg.torch_compile_scope)
     run.peak_flops = peak_flops(engine.device)
     dims = model_dims(engine.inner())
     forwards = 3 + (run.ref_mode in ("model", "adapters_off"))  # policy forward and backward, reference forward
