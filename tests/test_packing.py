@@ -191,6 +191,14 @@ def test_a_compile_mode_is_one_torch_compile_knows():
     TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_mode="reduce-overhead").validate()
 
 
+def test_a_compile_scope_is_the_layers_or_the_model():
+    from prefixpo.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="`torch_compile_scope`: must be one of layers, model, got 'decoder'"):
+        TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_scope="decoder").validate()
+    TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_scope="model").validate()
+
+
 def test_rows_of_any_length_warm_the_shortest_row_and_the_quantiles():
     """``packing_num_buckets: 0``: the lengths the warm-up runs are the quantiles of the first
     epoch's rows, the capacity, and the shortest row (a compiled graph guarded on a length range is

@@ -544,6 +544,28 @@ def varied_pairs(path: Path, rows: int = 48, seed: int = 0) -> Path:
     return path
 
 
+def record_compiles(monkeypatch) -> tuple[list, list, list]:
+    """``(modes, module class names, calls)`` of every ``Module.compile`` from here on: the mode
+    asked for, what was compiled, and how often each compiled module was then called."""
+    modes, compiled, calls, compile_module = [], [], [], torch.nn.Module.compile
+
+    def recorded(module, *args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        compiled.append(type(module).__name__)
+        compile_module(module, *args, **kwargs)
+        inner, index = module._compiled_call_impl, len(calls)
+        calls.append(0)
+
+        def counted(*a, **k):
+            calls[index] += 1
+            return inner(*a, **k)
+
+        module._compiled_call_impl = counted
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recorded)
+    return modes, compiled, calls
+
+
 @pytest.mark.parametrize("dynamic, mode, scope", [(True, "default", "layers"), (False, "default", "layers"),
                                                  (True, "reduce-overhead", "layers"), (True, "default", "model")])
 def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeypatch, dynamic, mode, scope):
@@ -558,14 +580,7 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
     is the compiled module instead of each layer, for the policy and the reference."""
     from torch._dynamo.utils import counters
 
-    modes, compiled, compile_module = [], [], torch.nn.Module.compile
-
-    def recorded(module, *args, **kwargs):
-        modes.append(kwargs.get("mode"))
-        compiled.append(type(module).__name__)
-        return compile_module(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "compile", recorded)
+    modes, compiled, calls = record_compiles(monkeypatch)
     marks = []  # CUDA graphs' step starts: every forward_backward in reduce-overhead, none otherwise
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
 
@@ -584,6 +599,7 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
     assert modes and set(modes) == {None if mode == "default" else mode}  # every layer, policy and reference
     layers = json.loads((QUICK / "model" / "config.json").read_text())["num_hidden_layers"]
     assert compiled == (["LlamaModel"] * 2 if scope == "model" else ["LlamaDecoderLayer"] * (2 * layers))
+    assert all(n >= 12 for n in calls), calls  # the steps ran through every compiled module
     assert len(marks) >= 12 + 3 if mode == "reduce-overhead" else not marks  # 12 steps, 3 evaluations, warm-up
     assert not counters["graph_break"], dict(counters["graph_break"])
     err = capsys.readouterr().err
@@ -594,42 +610,50 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
     assert len(lengths) >= 2 and err.count("compiling: row length") == len(lengths) + 1
 
 
-def test_the_whole_compiled_decoder_trains_as_the_uncompiled_model(tmp_path):
+def test_the_whole_compiled_decoder_trains_as_the_uncompiled_model(tmp_path, monkeypatch):
     """``torch_compile_scope: model`` (one graph for the decoder, policy and reference) logs the
-    losses and ends with the weights of the same run uncompiled, in fp32 on the CPU."""
+    losses and ends with the weights of the same run uncompiled, in fp32 on the CPU; its steps
+    run through the two compiled decoders."""
+    _, compiled, calls = record_compiles(monkeypatch)
     data = varied_pairs(tmp_path / "pairs.jsonl")
     runs = {}
-    for name, compiled in (("eager", {"torch_compile": False}), ("model", {"torch_compile": True,
+    for name, settings in (("eager", {"torch_compile": False}), ("model", {"torch_compile": True,
                                                                           "torch_compile_scope": "model"})):
         directory = tmp_path / name
         directory.mkdir()
         config = write_config(directory, dataset=str(data), max_length=256, max_samples=None,
                               per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=4,
-                              save_steps=None, packing=True, learning_rate=1e-3, **compiled)
+                              save_steps=None, packing=True, learning_rate=1e-3, **settings)
         assert main(["train", "--config", str(config)]) == 0
         runs[name] = directory / "run"
+        assert compiled == (["LlamaModel"] * 2 if name == "model" else []) and all(n >= 4 for n in calls), calls
     eager, model = ([r["loss"] for r in records(runs[k]) if r["split"] == "train"] for k in ("eager", "model"))
     assert len(eager) == 4 and eager[1] != eager[0]
     assert model == pytest.approx(eager, abs=1e-5)
     assert_close_weights(runs["eager"] / "final", runs["model"] / "final")
 
 
-def test_the_whole_decoder_is_compiled_on_one_process_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine, description", [("fsdp", "with FSDP"), ("deepspeed", "with DeepSpeed")])
+def test_the_whole_decoder_is_not_compiled_under_a_sharding_engine(tmp_path, monkeypatch, engine, description):
     """Under FSDP2 or DeepSpeed the decoder's modules are wrapped one by one: ``torch_compile_scope:
-    model`` stops at once with the key named (the engine stood in for, not launched)."""
+    model`` with compiled layers stops at once with the key named (the engine stood in for, not
+    launched); without compilation it is only noted, as on one process."""
     import prefixpo.trainer
     from prefixpo.config import ConfigError
     from prefixpo.train_config import TrainConfig
 
     class Sharded:
-        name = "fsdp"
+        name, device = engine, torch.device("cpu")
 
+    Sharded.description = description
     monkeypatch.setattr(prefixpo.trainer, "choose_engine", lambda accelerator, cfg: Sharded())
-    cfg = TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_scope="model",
+    cfg = TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_scope="model", torch_compile=True,
                       output_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match="`torch_compile_scope`: model compiles the whole decoder as one graph "
-                                          "on one process or under DDP, not under fsdp"):
+    with pytest.raises(ConfigError, match=f"`torch_compile_scope`: model compiles the whole decoder as one graph, "
+                                          f"which runs without FSDP or DeepSpeed, not {description}; use layers"):
         prefixpo.trainer.setup_accelerator(cfg)
+    cfg.torch_compile = False
+    assert prefixpo.trainer.setup_accelerator(cfg)[1].name == engine
 
 
 def test_rows_of_any_length_run_the_compiled_layers_without_a_recompile(tmp_path, capsys, monkeypatch):
@@ -713,9 +737,11 @@ def test_the_step_profiler_script_profiles_a_running_train(tmp_path):
 
 def test_a_compile_mode_without_compiled_layers_says_it_has_no_effect(tmp_path, capsys):
     config = write_config(tmp_path, max_steps=1, save_steps=None, torch_compile=False,
-                          torch_compile_mode="reduce-overhead")
+                          torch_compile_mode="reduce-overhead", torch_compile_scope="model")
     assert main(["train", "--config", str(config)]) == 0
-    assert "note: torch_compile_mode reduce-overhead has no effect: the layers are not compiled" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: torch_compile_mode reduce-overhead has no effect: the layers are not compiled" in err
+    assert "note: torch_compile_scope model has no effect: the layers are not compiled" in err
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "constant", "constant_with_warmup"])

@@ -255,8 +255,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64, mode: str = "default",
                    scope: str = "layers") -> int:
-    """``torch.compile`` every decoder layer; all layers of the model share the graph. Returns the
-    layers compiled. ``dynamic``: one graph with a symbolic row length for every length (compiled
+    """``torch.compile`` every decoder layer (all layers of the model share the graph), or with
+    ``scope="model"`` the whole decoder. Returns the number of decoder layers. ``dynamic``: one graph with a symbolic row length for every length (compiled
     once), or static shapes, one graph per row length (``prefixpo bench``'s way, a compile each).
     ``max_shapes``: graphs kept per layer before dynamo gives up compiling it. ``mode``:
     ``torch.compile``'s (``reduce-overhead`` and ``max-autotune`` replay each layer's kernels as CUDA
@@ -264,8 +264,12 @@ def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64,
     step's start with ``torch.compiler.cudagraph_mark_step_begin``, see ``uses_cuda_graphs``).
     ``scope="model"``: the whole decoder (embeddings, every layer, the final norm) is one graph
     instead, called once a forward: no per-layer call overhead, but every layer traced and
-    compiled (a longer first compile); the layers are then not compiled one by one."""
+    compiled (a longer first compile); the layers are then not compiled one by one. Under DDP,
+    PyTorch's DDP optimizer splits that graph at the gradient buckets."""
     import torch._dynamo
+
+    if scope not in ("layers", "model"):
+        raise ValueError(f"scope must be layers or model, got {scope!r}")
 
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                  "accumulated_recompile_limit"):

@@ -95,7 +95,8 @@ class TrainConfig:
     # max-autotune, max-autotune-no-cudagraphs
     torch_compile_mode: str = "default"
     # what one compiled graph holds: each decoder layer (compiled once, called per layer) or the
-    # whole decoder (one call a forward, what CUDA graphs need; a longer compile); one process or DDP
+    # whole decoder (one call a forward, fewer graphs for CUDA graphs to record; a longer compile);
+    # not under FSDP or DeepSpeed
     torch_compile_scope: str = "layers"
     activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss

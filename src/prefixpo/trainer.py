@@ -323,9 +323,9 @@ def setup_accelerator(cfg: TrainConfig) -> tuple[Any, Engine]:
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out.parent)))
     engine = choose_engine(accelerator, cfg)
-    if cfg.torch_compile_scope == "model" and engine.name != "none":
-        raise ConfigError(f"config key `torch_compile_scope`: model compiles the whole decoder as one graph on one "
-                          f"process or under DDP, not under {engine.name}; use layers (the default)")
+    if cfg.torch_compile_scope == "model" and engine.name != "none" and compiles(cfg, engine):
+        raise ConfigError(f"config key `torch_compile_scope`: model compiles the whole decoder as one graph, "
+                          f"which runs without FSDP or DeepSpeed, not {engine.description}; use layers (the default)")
     if cfg.torch_num_threads:
         torch.set_num_threads(cfg.torch_num_threads)
     transformers_logging.disable_progress_bar()  # no loading and saving bars between the trainer's own lines
