@@ -90,6 +90,32 @@ def test_second_run_hits_the_cache_and_changes_miss_it(tmp_path, reference):
     assert not (r3.cache_hit or r4.cache_hit or r5.cache_hit) and r5.rows_kept == 4
 
 
+def test_a_cache_entry_another_process_wrote_first_stays_for_its_readers(tmp_path, reference):
+    """Two processes (ranks) that miss the cache together both write it: the second finds the
+    first's complete entry in place and drops its own copy, so the files the first is reading stay
+    (deleting them under a reader failed a 2-rank run). An entry the cache refuses (no rows kept,
+    from an older version) is replaced."""
+    from prefixpo.data import pipeline
+
+    path = tmp_path / "d.jsonl"
+    path.write_text((FIXTURES / "explicit_strings.jsonl").read_text())
+    cfg = DataConfig(str(path), cache_dir=str(tmp_path / "cache"))
+    first, report = load_groups(cfg, make_tokenizer())
+    entry = report.cache_path
+    arrow = next((tmp_path / "cache").rglob("*.arrow"))
+    inode = arrow.stat().st_ino
+    pipeline._save_cache(entry, datasets.Dataset.from_dict({"x": [1]}), report)  # the second writer
+    assert arrow.stat().st_ino == inode and list(first) == reference
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.rsplit("/", 1)[1]]  # its copy dropped
+    second, again = load_groups(cfg, make_tokenizer())
+    assert again.cache_hit and list(second) == reference
+
+    report.rows_kept = 0
+    (tmp_path / "cache" / entry.rsplit("/", 1)[1] / "report.json").write_text(report.to_json())
+    third, fresh = load_groups(cfg, make_tokenizer())  # refused: read again and written over
+    assert not fresh.cache_hit and list(third) == reference and pipeline._complete(entry)
+
+
 def test_check_only_without_tokenizer():
     groups, report = load_groups(DataConfig(str(FIXTURES / "bad_rows.jsonl"), on_bad_row="skip"), None)
     assert groups is None and report.rows_kept == 2 and len(report.bad_rows) == 7

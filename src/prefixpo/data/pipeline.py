@@ -246,13 +246,31 @@ def no_datasets_bars() -> Iterator[None]:
 
 
 def _save_cache(path: str, groups: datasets.Dataset, report: DataReport) -> None:
+    """Written under a name of this process and renamed into place, so a reader finds the whole
+    entry or none. An entry another process (another rank) put in place first is the same key, so
+    the same groups: it stays, and this copy is dropped; deleting it could pull the files from
+    under a process reading them. Only an entry ``_load_cached`` refuses is replaced."""
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     groups.save_to_disk(os.path.join(tmp, "groups"))
     with open(os.path.join(tmp, "report.json"), "w") as f:
         f.write(report.to_json())
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    if os.path.exists(path) and not _complete(path):
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # a complete entry is there: another process wrote it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(path: str) -> bool:
+    """Whether the cache entry at ``path`` is one ``_load_cached`` reads (its report written last,
+    some rows kept)."""
+    try:
+        with open(os.path.join(path, "report.json")) as f:
+            return DataReport.from_json(f.read()).rows_kept > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _row_problems(out: datasets.Dataset, status: list[str]) -> tuple[list[BadRow], list[BadRow]]:
