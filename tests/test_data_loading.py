@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import datasets
 import pyarrow as pa
@@ -110,10 +111,18 @@ def test_a_cache_entry_another_process_wrote_first_stays_for_its_readers(tmp_pat
     second, again = load_groups(cfg, make_tokenizer())
     assert again.cache_hit and list(second) == reference
 
+    stored = tmp_path / "cache" / entry.rsplit("/", 1)[1]
+    rows_kept = report.rows_kept
     report.rows_kept = 0
-    (tmp_path / "cache" / entry.rsplit("/", 1)[1] / "report.json").write_text(report.to_json())
+    (stored / "report.json").write_text(report.to_json())
     third, fresh = load_groups(cfg, make_tokenizer())  # refused: read again and written over
-    assert not fresh.cache_hit and list(third) == reference and pipeline._complete(entry)
+    assert not fresh.cache_hit and list(third) == reference and pipeline._entry_report(entry) is not None
+    report.rows_kept = rows_kept
+    for broken in ("groups", "report.json"):  # an entry missing a part, or with an unreadable report
+        shutil.rmtree(stored / broken) if broken == "groups" else (stored / broken).write_text("{")
+        again, refused = load_groups(cfg, make_tokenizer())
+        assert not refused.cache_hit and list(again) == reference and pipeline._entry_report(entry) is not None
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [stored.name]  # no copies left over
 
 
 def test_check_only_without_tokenizer():

@@ -441,10 +441,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     accelerator, engine = setup_accelerator(cfg)
     checkpoint = resume_point(cfg, accelerator)
     tokenizer = load_tokenizer(cfg)
-    # one process per node reads and tokenizes the data and writes its cache; the others read the cache
-    with accelerator.local_main_process_first():
-        train_groups = load_data(cfg, tokenizer)
-        eval_groups = load_data(cfg, tokenizer, evaluation=True) if cfg.eval_dataset else []
+    train_groups = load_data(cfg, tokenizer)
+    eval_groups = load_data(cfg, tokenizer, evaluation=True) if cfg.eval_dataset else []
     capacity, lengths = row_layout(cfg, train_groups, eval_groups, accelerator.num_processes,
                                    packs(cfg, accelerator.device))
     phase("data")

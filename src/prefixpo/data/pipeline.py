@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -220,17 +221,28 @@ def cache_key(fingerprint: str, tokenizer_fp: str, cfg: DataConfig) -> str:
 
 
 def _load_cached(path: str, started: float) -> tuple[TokenizedGroups, DataReport] | None:
-    if not os.path.exists(os.path.join(path, "report.json")):
-        return None
-    with open(os.path.join(path, "report.json")) as f:
-        report = DataReport.from_json(f.read())
-    if report.rows_kept == 0:  # an empty result (cached by an older version): read the data again, to say why
+    if (report := _entry_report(path)) is None:
         return None
     report.cache_hit, report.cache_path = True, path
     with no_datasets_bars():
         groups = TokenizedGroups(datasets.load_from_disk(os.path.join(path, "groups")))
     report.seconds = time.perf_counter() - started
     return groups, report
+
+
+def _entry_report(path: str) -> DataReport | None:
+    """The report of the cache entry at ``path`` when the entry is one to read: its report and
+    groups there (the report is written last) and some rows kept. None for a missing, unreadable
+    or empty one (an empty result, cached by an older version: the data are read again, to say
+    why), which a new entry then replaces."""
+    try:
+        with open(os.path.join(path, "report.json")) as f:
+            report = DataReport.from_json(f.read())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if report.rows_kept == 0 or not os.path.isdir(os.path.join(path, "groups")):
+        return None
+    return report
 
 
 @contextmanager
@@ -246,31 +258,33 @@ def no_datasets_bars() -> Iterator[None]:
 
 
 def _save_cache(path: str, groups: datasets.Dataset, report: DataReport) -> None:
-    """Written under a name of this process and renamed into place, so a reader finds the whole
-    entry or none. An entry another process (another rank) put in place first is the same key, so
-    the same groups: it stays, and this copy is dropped; deleting it could pull the files from
-    under a process reading them. Only an entry ``_load_cached`` refuses is replaced."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    groups.save_to_disk(os.path.join(tmp, "groups"))
-    with open(os.path.join(tmp, "report.json"), "w") as f:
-        f.write(report.to_json())
-    if os.path.exists(path) and not _complete(path):
-        shutil.rmtree(path, ignore_errors=True)
+    """Written into a directory of its own and renamed into place, so a reader finds a whole entry
+    or none. Processes that tokenize the same data at once (the ranks of a run, on one disk or a
+    shared one) each write a copy; an entry one of them put in place first is the same key, so the
+    same groups: it stays, and the later copies are dropped (deleting it could pull its files from
+    under a process reading them). Only an entry ``_entry_report`` refuses is replaced, moved aside
+    first so that no complete entry is ever deleted in its place."""
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{name}.tmp-")
     try:
-        os.replace(tmp, path)
-    except OSError:  # a complete entry is there: another process wrote it meanwhile
+        groups.save_to_disk(os.path.join(tmp, "groups"))
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            f.write(report.to_json())
+        if os.path.exists(path) and _entry_report(path) is None:
+            stale = tempfile.mkdtemp(dir=parent, prefix=f"{name}.stale-")
+            try:
+                os.replace(path, os.path.join(stale, "entry"))
+            except OSError:  # another process moved or replaced it meanwhile
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # a non-empty directory is there: another process's entry
+            if _entry_report(path) is None:
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _complete(path: str) -> bool:
-    """Whether the cache entry at ``path`` is one ``_load_cached`` reads (its report written last,
-    some rows kept)."""
-    try:
-        with open(os.path.join(path, "report.json")) as f:
-            return DataReport.from_json(f.read()).rows_kept > 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def _row_problems(out: datasets.Dataset, status: list[str]) -> tuple[list[BadRow], list[BadRow]]:
