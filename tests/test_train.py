@@ -260,6 +260,7 @@ def test_training_modes_run_end_to_end(tmp_path, overrides, monkeypatch):
         assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # trained adapters were saved
     if "precomputed" in overrides:
         assert done["reference"] == "precomputed" and list((tmp_path / "cache" / "reference").glob("*.pt"))
+        assert not list((tmp_path / "cache" / "reference").glob("*.tmp*"))  # written aside, renamed, none left
     if "simpo" in overrides:
         assert done["reference"] == "none"
     if "--generate_during_eval" in overrides:

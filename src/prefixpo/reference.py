@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,9 +137,16 @@ def precompute_reference(reference: nn.Module, groups: Sequence[Group], cache_pa
         sums = compute_logps(reference, batch, chunk_size=chunk_size).sums.float().cpu()
         out += list(sums.split([len(groups[i].response_ids) for i, in rows]))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(".tmp")
-    torch.save(out, tmp)
-    tmp.replace(cache_path)
+    # a file of this process's own, renamed into place: processes of other nodes on a shared disk
+    # may write the same entry at once
+    handle, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=f"{cache_path.name}.tmp-")
+    os.close(handle)
+    try:
+        torch.save(out, tmp)
+        os.replace(tmp, cache_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out
 
 
