@@ -49,7 +49,10 @@ def test_trl_and_prefixpo_train_alike(tmp_path: Path) -> None:
     assert trl["setup"]["rows"] == 4  # TRL dropped no pair
     startup = runs["prefixpo"]["startup_s"]  # prefixpo's start-up line, read from its log
     assert {"before setup", "data", "policy", "reference", "warm-up"} <= set(startup)
-    assert sum(v for k, v in startup.items() if k != "total") <= startup["total"] <= runs["prefixpo"]["first_step_s"]
+    # the start-up line prints tenths of a second: each figure is off by up to 0.05 s
+    phases = [v for k, v in startup.items() if k != "total"]
+    assert sum(phases) <= startup["total"] + 0.05 * (len(phases) + 1)
+    assert startup["total"] <= runs["prefixpo"]["first_step_s"] + 0.05
     for run in (trl, ours):
         s = run["summary"]
         assert s["steps"] == 3 and s["pairs"] == 12
