@@ -547,8 +547,7 @@ def _commit() -> str | None:
         git = functools.partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, timeout=10)
         commit = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
         changed = git(["git", "status", "--porcelain", "--untracked-files=no", "src", "scripts"]).stdout.strip()
-        return commit + ("+modified" if changed else "") \
-            if commit else None
+        return (commit + ("+modified" if changed else "")) if commit else None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -20,6 +20,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+TITLE = "DPO on llama-1b, capybara profile"  # the loss plot's, of the published runs
+
 # pass marks, stated with the numbers they judge
 SCALING_SHARE = 0.9  # pairs/s on N GPUs over 1 GPU, per GPU: 1.8 on 2
 RESUME_TOLERANCE = 1e-3  # |loss difference| of a resumed step: the same state, only kernel nondeterminism
@@ -78,7 +80,7 @@ def loss_differences(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]])
 
 
 def plot(one: dict, multi: dict, resume: dict, path: Path, gpus: int = 2,
-         title: str = "DPO on llama-1b, capybara profile") -> None:
+         title: str = TITLE) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +106,7 @@ def plot(one: dict, multi: dict, resume: dict, path: Path, gpus: int = 2,
 
 def summary(one_dir: Path, multi_dir: Path, resume_dir: Path, out: Path, skip: int,
             loaded: Path | None, plain_dir: Path | None = None, resume2_dir: Path | None = None,
-            gpus: int = 2, title: str = "DPO on llama-1b, capybara profile") -> dict[str, Any]:
+            gpus: int = 2, title: str = TITLE) -> dict[str, Any]:
     one, multi, resume = train_records(one_dir), train_records(multi_dir), train_records(resume_dir)
     plain = train_records(plain_dir) if plain_dir is not None else {}
     result: dict[str, Any] = {"steps_logged": {"one": len(one), "multi": len(multi), "resume": len(resume),
@@ -159,7 +161,7 @@ def main() -> None:
     summ.add_argument("--resume2", default=None, help="a second run resumed from the same checkpoint")
     summ.add_argument("--skip", type=int, default=5)
     summ.add_argument("--gpus", type=int, default=2, help="GPUs of the --multi run (default 2)")
-    summ.add_argument("--title", default="DPO on llama-1b, capybara profile", help="the loss plot's title")
+    summ.add_argument("--title", default=TITLE, help="the loss plot's title")
     summ.add_argument("--loaded", default=None, help="the JSON written by `load`")
     args = parser.parse_args()
     if args.command == "load":

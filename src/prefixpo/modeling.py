@@ -39,6 +39,7 @@ from prefixpo.logprobs import (
 )
 from prefixpo.masks import dense_mask, flex_block_mask
 from prefixpo.oracle import TOLERANCES, random_groups, separate_logps
+from prefixpo.train_config import COMPILE_SCOPES
 
 BACKENDS = ("sdpa", "flex")
 ATTENTION_FUNCTIONS = {"sdpa": "prefixpo_dense", "flex": "prefixpo_flex"}
@@ -256,8 +257,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64, mode: str = "default",
                    scope: str = "layers") -> int:
     """``torch.compile`` every decoder layer (all layers of the model share the graph), or with
-    ``scope="model"`` the whole decoder. Returns the number of decoder layers. ``dynamic``: one graph with a symbolic row length for every length (compiled
-    once), or static shapes, one graph per row length (``prefixpo bench``'s way, a compile each).
+    ``scope="model"`` the whole decoder. Returns the number of decoder layers. ``dynamic``: one
+    graph with a symbolic row length for every length (compiled once), or static shapes, one graph
+    per row length (``prefixpo bench``'s way, a compile each).
     ``max_shapes``: graphs kept per layer before dynamo gives up compiling it. ``mode``:
     ``torch.compile``'s (``reduce-overhead`` and ``max-autotune`` replay each layer's kernels as CUDA
     graphs, which PyTorch records for each new shape and place in the step; the caller marks each
@@ -268,8 +270,8 @@ def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64,
     PyTorch's DDP optimizer splits that graph at the gradient buckets."""
     import torch._dynamo
 
-    if scope not in ("layers", "model"):
-        raise ValueError(f"scope must be layers or model, got {scope!r}")
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
 
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                  "accumulated_recompile_limit"):
