@@ -14,6 +14,7 @@ from prefixpo.modeling import (
     apply_prefix_attention,
     build_attention_masks,
     check_model,
+    compile_layers,
     compute_logps,
     forward_hidden,
 )
@@ -219,3 +220,28 @@ def test_output_flags_in_the_config_install_no_capturing_hooks(arch):
     forward_hidden(model, batch)
     hooked = [name for name, m in model.named_modules() if m._forward_hooks]
     assert not hooked, hooked
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_layers_round_bf16_as_the_uncompiled_model(arch):
+    """In bf16 the compiled layers (``compile_layers``, as the trainer compiles them) give the
+    uncompiled model's per-token log-probs bit for bit on (almost) every token, in the training
+    graph and in the no-gradient graph alike, so a policy and its reference agree at step 1 as
+    in the standard recipe. Without ``eager_numerics`` inductor keeps fused intermediates in
+    fp32 and hardly any token matches: what the option changes."""
+    base = apply_prefix_attention(tiny_model(arch).to(torch.bfloat16), "sdpa", self_check=False)
+    batch = collate_groups(case_groups(2))
+    with torch.no_grad():
+        uncompiled = compute_logps(base, batch).token_logps
+    exact = {}
+    for eager_numerics in (True, False):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        compile_layers(model, eager_numerics=eager_numerics)
+        training = compute_logps(model.train(), batch).token_logps.detach()
+        with torch.no_grad():
+            no_grad = compute_logps(model.eval(), batch).token_logps
+        exact[eager_numerics] = [(t == uncompiled).float().mean().item() for t in (training, no_grad)]
+    torch._dynamo.reset()
+    assert min(exact[True]) >= 0.98, exact
+    assert max(exact[False]) <= 0.5, exact

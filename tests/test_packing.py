@@ -191,12 +191,12 @@ def test_a_compile_mode_is_one_torch_compile_knows():
     TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_mode="reduce-overhead").validate()
 
 
-def test_a_compile_scope_is_the_layers_or_the_model():
+def test_eager_numerics_is_true_or_false():
     from prefixpo.config import ConfigError, TrainConfig
 
-    with pytest.raises(ConfigError, match="`torch_compile_scope`: must be one of layers, model, got 'decoder'"):
-        TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_scope="decoder").validate()
-    TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_scope="model").validate()
+    with pytest.raises(ConfigError, match="`torch_compile_eager_numerics`: must be true or false, got 'yes'"):
+        TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_eager_numerics="yes").validate()
+    TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_eager_numerics=False).validate()
 
 
 def test_rows_of_any_length_warm_the_shortest_row_and_the_quantiles():

@@ -546,12 +546,12 @@ def varied_pairs(path: Path, rows: int = 48, seed: int = 0) -> Path:
 
 
 def record_compiles(monkeypatch) -> tuple[list, list, list]:
-    """``(modes, module class names, calls)`` of every ``Module.compile`` from here on: the mode
-    asked for, what was compiled, and how often each compiled module was then called."""
-    modes, compiled, calls, compile_module = [], [], [], torch.nn.Module.compile
+    """``(options, module class names, calls)`` of every ``Module.compile`` from here on: the
+    inductor options asked for, what was compiled, and how often each compiled module was then called."""
+    options, compiled, calls, compile_module = [], [], [], torch.nn.Module.compile
 
     def recorded(module, *args, **kwargs):
-        modes.append(kwargs.get("mode"))
+        options.append(kwargs.get("options"))
         compiled.append(type(module).__name__)
         compile_module(module, *args, **kwargs)
         inner, index = module._compiled_call_impl, len(calls)
@@ -564,12 +564,11 @@ def record_compiles(monkeypatch) -> tuple[list, list, list]:
         module._compiled_call_impl = counted
 
     monkeypatch.setattr(torch.nn.Module, "compile", recorded)
-    return modes, compiled, calls
+    return options, compiled, calls
 
 
-@pytest.mark.parametrize("dynamic, mode, scope", [(True, "default", "layers"), (False, "default", "layers"),
-                                                 (True, "reduce-overhead", "layers"), (True, "default", "model")])
-def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeypatch, dynamic, mode, scope):
+@pytest.mark.parametrize("dynamic, mode", [(True, "default"), (False, "default"), (True, "reduce-overhead")])
+def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeypatch, dynamic, mode):
     """With compiled layers every packed row length is compiled before step 1 (training step and
     evaluation alike): no graph is compiled after it (``recompiles`` 0 in every train record),
     while the rows of the run do come in several lengths. Each layer is one graph: nothing in it
@@ -577,11 +576,12 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
     comes from a directory, as pretrained models do (transformers loads it in evaluation mode).
     Layers compiled with a symbolic row length, or statically (a graph per length); in
     ``torch_compile_mode`` (reduce-overhead's CUDA graphs are not recorded on the CPU: the step
-    marking runs, the graphs are the default's). ``torch_compile_scope: model``: the whole decoder
-    is the compiled module instead of each layer, for the policy and the reference."""
+    marking runs, the graphs are the default's). Every layer is compiled with the mode's options
+    and rounds low precision as the uncompiled layer does (``torch_compile_eager_numerics``)."""
+    import torch._inductor
     from torch._dynamo.utils import counters
 
-    modes, compiled, calls = record_compiles(monkeypatch)
+    options, compiled, calls = record_compiles(monkeypatch)
     marks = []  # CUDA graphs' step starts: every forward_backward in reduce-overhead, none otherwise
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
 
@@ -594,12 +594,13 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
                           max_samples=None, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=12, save_steps=None, torch_compile=True, packing=True, packing_num_buckets=3,
                           eval_dataset=str(data), eval_steps=6, torch_compile_dynamic=dynamic,
-                          torch_compile_mode=mode, torch_compile_scope=scope)
+                          torch_compile_mode=mode)
     counters.clear()
     assert main(["train", "--config", str(config)]) == 0
-    assert modes and set(modes) == {None if mode == "default" else mode}  # every layer, policy and reference
+    expected = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
+    assert options and all(o == expected for o in options), options  # every layer, policy and reference
     layers = json.loads((QUICK / "model" / "config.json").read_text())["num_hidden_layers"]
-    assert compiled == (["LlamaModel"] * 2 if scope == "model" else ["LlamaDecoderLayer"] * (2 * layers))
+    assert compiled == ["LlamaDecoderLayer"] * (2 * layers)
     assert all(n >= 12 for n in calls), calls  # the steps ran through every compiled module
     assert len(marks) >= 12 + 3 if mode == "reduce-overhead" else not marks  # 12 steps, 3 evaluations, warm-up
     assert not counters["graph_break"], dict(counters["graph_break"])
@@ -609,52 +610,6 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
     assert len(train) == 12 and [r["recompiles"] for r in train] == [0] * 12
     assert len({-(-r["rank_tokens"][0] // 128) for r in train}) >= 2  # rows of several lengths
     assert len(lengths) >= 2 and err.count("compiling: row length") == len(lengths) + 1
-
-
-def test_the_whole_compiled_decoder_trains_as_the_uncompiled_model(tmp_path, monkeypatch):
-    """``torch_compile_scope: model`` (one graph for the decoder, policy and reference) logs the
-    losses and ends with the weights of the same run uncompiled, in fp32 on the CPU; its steps
-    run through the two compiled decoders."""
-    _, compiled, calls = record_compiles(monkeypatch)
-    data = varied_pairs(tmp_path / "pairs.jsonl")
-    runs = {}
-    for name, settings in (("eager", {"torch_compile": False}), ("model", {"torch_compile": True,
-                                                                          "torch_compile_scope": "model"})):
-        directory = tmp_path / name
-        directory.mkdir()
-        config = write_config(directory, dataset=str(data), max_length=256, max_samples=None,
-                              per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=4,
-                              save_steps=None, packing=True, learning_rate=1e-3, **settings)
-        assert main(["train", "--config", str(config)]) == 0
-        runs[name] = directory / "run"
-        assert compiled == (["LlamaModel"] * 2 if name == "model" else []) and all(n >= 4 for n in calls), calls
-    eager, model = ([r["loss"] for r in records(runs[k]) if r["split"] == "train"] for k in ("eager", "model"))
-    assert len(eager) == 4 and eager[1] != eager[0]
-    assert model == pytest.approx(eager, abs=1e-5)
-    assert_close_weights(runs["eager"] / "final", runs["model"] / "final")
-
-
-@pytest.mark.parametrize("engine, description", [("fsdp", "with FSDP"), ("deepspeed", "with DeepSpeed")])
-def test_the_whole_decoder_is_not_compiled_under_a_sharding_engine(tmp_path, monkeypatch, engine, description):
-    """Under FSDP2 or DeepSpeed the decoder's modules are wrapped one by one: ``torch_compile_scope:
-    model`` with compiled layers stops at once with the key named (the engine stood in for, not
-    launched); without compilation it is only noted, as on one process."""
-    import prefixpo.trainer
-    from prefixpo.config import ConfigError
-    from prefixpo.train_config import TrainConfig
-
-    class Sharded:
-        name, device = engine, torch.device("cpu")
-
-    Sharded.description = description
-    monkeypatch.setattr(prefixpo.trainer, "choose_engine", lambda accelerator, cfg: Sharded())
-    cfg = TrainConfig(model_name_or_path="m", dataset="d.jsonl", torch_compile_scope="model", torch_compile=True,
-                      output_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match=f"`torch_compile_scope`: model compiles the whole decoder as one graph, "
-                                          f"which runs without FSDP or DeepSpeed, not {description}; use layers"):
-        prefixpo.trainer.setup_accelerator(cfg)
-    cfg.torch_compile = False
-    assert prefixpo.trainer.setup_accelerator(cfg)[1].name == engine
 
 
 def test_rows_of_any_length_run_the_compiled_layers_without_a_recompile(tmp_path, capsys, monkeypatch):
@@ -738,11 +693,11 @@ def test_the_step_profiler_script_profiles_a_running_train(tmp_path):
 
 def test_a_compile_mode_without_compiled_layers_says_it_has_no_effect(tmp_path, capsys):
     config = write_config(tmp_path, max_steps=1, save_steps=None, torch_compile=False,
-                          torch_compile_mode="reduce-overhead", torch_compile_scope="model")
+                          torch_compile_mode="reduce-overhead", torch_compile_eager_numerics=False)
     assert main(["train", "--config", str(config)]) == 0
     err = capsys.readouterr().err
     assert "note: torch_compile_mode reduce-overhead has no effect: the layers are not compiled" in err
-    assert "note: torch_compile_scope model has no effect: the layers are not compiled" in err
+    assert "note: torch_compile_eager_numerics false has no effect: the layers are not compiled" in err
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "constant", "constant_with_warmup"])

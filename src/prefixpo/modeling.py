@@ -39,7 +39,6 @@ from prefixpo.logprobs import (
 )
 from prefixpo.masks import dense_mask, flex_block_mask
 from prefixpo.oracle import TOLERANCES, random_groups, separate_logps
-from prefixpo.train_config import COMPILE_SCOPES
 
 BACKENDS = ("sdpa", "flex")
 ATTENTION_FUNCTIONS = {"sdpa": "prefixpo_dense", "flex": "prefixpo_flex"}
@@ -255,31 +254,31 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64, mode: str = "default",
-                   scope: str = "layers") -> int:
-    """``torch.compile`` every decoder layer (all layers of the model share the graph), or with
-    ``scope="model"`` the whole decoder. Returns the number of decoder layers. ``dynamic``: one
-    graph with a symbolic row length for every length (compiled once), or static shapes, one graph
-    per row length (``prefixpo bench``'s way, a compile each).
-    ``max_shapes``: graphs kept per layer before dynamo gives up compiling it. ``mode``:
-    ``torch.compile``'s (``reduce-overhead`` and ``max-autotune`` replay each layer's kernels as CUDA
-    graphs, which PyTorch records for each new shape and place in the step; the caller marks each
-    step's start with ``torch.compiler.cudagraph_mark_step_begin``, see ``uses_cuda_graphs``).
-    ``scope="model"``: the whole decoder (embeddings, every layer, the final norm) is one graph
-    instead, called once a forward: no per-layer call overhead, but every layer traced and
-    compiled (a longer first compile); the layers are then not compiled one by one. Under DDP,
-    PyTorch's DDP optimizer splits that graph at the gradient buckets."""
+                   eager_numerics: bool = True) -> int:
+    """``torch.compile`` every decoder layer (all layers of the model share the graph). Returns the
+    number of decoder layers. ``dynamic``: one graph with a symbolic row length for every length
+    (compiled once), or static shapes, one graph per row length (``prefixpo bench``'s way, a
+    compile each). ``max_shapes``: graphs kept per layer before dynamo gives up compiling it.
+    ``mode``: ``torch.compile``'s (``reduce-overhead`` and ``max-autotune`` replay each layer's
+    kernels as CUDA graphs, which PyTorch records for each new shape and place in the step; the
+    caller marks each step's start with ``torch.compiler.cudagraph_mark_step_begin``, see
+    ``uses_cuda_graphs``).
+    ``eager_numerics``: low-precision (bf16, fp16) results rounded after each operation, as the
+    uncompiled model rounds them (inductor's ``emulate_precision_casts``), instead of kept in fp32
+    through a fused kernel. The training graph (which saves activations for the backward) and the
+    no-gradient graph fuse differently, so without it a policy and a reference with the same
+    weights round differently and disagree at step 1."""
     import torch._dynamo
-
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
+    import torch._inductor
 
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                  "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), max_shapes))
+    options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": eager_numerics}
     layers = decoder_layers(model)
-    for module in [decoder_of(model)] if scope == "model" else layers:
-        module.compile(dynamic=dynamic, mode=None if mode == "default" else mode)
+    for layer in layers:
+        layer.compile(dynamic=dynamic, options=options)
     return len(layers)
 
 

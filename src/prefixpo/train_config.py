@@ -23,7 +23,6 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REFERENCE_MODES = ("auto", "model", "precomputed", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-COMPILE_SCOPES = ("layers", "model")
 POSITIVE_INTEGERS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "logps_chunk_size", "max_length", "save_total_limit", "dataset_num_proc",
                      "ref_model_sync_steps")
@@ -94,10 +93,10 @@ class TrainConfig:
     # torch.compile's mode for the layers (transformers' key): default, reduce-overhead (CUDA graphs),
     # max-autotune, max-autotune-no-cudagraphs
     torch_compile_mode: str = "default"
-    # what one compiled graph holds: each decoder layer (compiled once, called per layer) or the
-    # whole decoder (one call a forward, fewer graphs for CUDA graphs to record; a longer compile);
-    # not under FSDP or DeepSpeed
-    torch_compile_scope: str = "layers"
+    # the compiled layers round bf16 as the uncompiled model does after each operation (inductor's
+    # emulate_precision_casts), so policy and reference graphs agree at step 1; false keeps fused
+    # intermediates in fp32, which rounds differently in the training and no-gradient graphs
+    torch_compile_eager_numerics: bool = True
     activation_offloading: bool = False  # as TRL: activations saved for the backward kept in CPU memory
     # preference loss
     beta: float = 0.1
@@ -237,11 +236,10 @@ class TrainConfig:
             raise _bad("torch_compile", f"must be true, false or auto, got {self.torch_compile!r}")
         if not isinstance(self.torch_compile_dynamic, bool):
             raise _bad("torch_compile_dynamic", f"must be true or false, got {self.torch_compile_dynamic!r}")
+        if not isinstance(self.torch_compile_eager_numerics, bool):
+            raise _bad("torch_compile_eager_numerics", f"must be true or false, got {self.torch_compile_eager_numerics!r}")
         if self.torch_compile_mode not in COMPILE_MODES:
             raise _bad("torch_compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {self.torch_compile_mode!r}")
-        if self.torch_compile_scope not in COMPILE_SCOPES:
-            raise _bad("torch_compile_scope", f"must be one of {', '.join(COMPILE_SCOPES)}, got "
-                       f"{self.torch_compile_scope!r}")
         if not self.torch_compile_dynamic and self.packing_num_buckets == 0:
             raise _bad("torch_compile_dynamic", "false compiles a graph per row length, and packing_num_buckets: 0 "
                        "(the default) makes rows of any length; set packing_num_buckets to a number of lengths "

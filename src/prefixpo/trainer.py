@@ -323,9 +323,6 @@ def setup_accelerator(cfg: TrainConfig) -> tuple[Any, Engine]:
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.reports or None,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out.parent)))
     engine = choose_engine(accelerator, cfg)
-    if cfg.torch_compile_scope == "model" and engine.name != "none" and compiles(cfg, engine):
-        raise ConfigError(f"config key `torch_compile_scope`: model compiles the whole decoder as one graph, "
-                          f"which runs without FSDP or DeepSpeed, not {engine.description}; use layers (the default)")
     if cfg.torch_num_threads:
         torch.set_num_threads(cfg.torch_num_threads)
     transformers_logging.disable_progress_bar()  # no loading and saving bars between the trainer's own lines
@@ -376,12 +373,12 @@ def setup_model(cfg: TrainConfig, engine: Engine, checkpoint: Path | None) -> Sc
         print(note, file=sys.stderr)
     if compiles(cfg, engine):
         compile_layers(model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode,
-                       scope=cfg.torch_compile_scope)
+                       eager_numerics=cfg.torch_compile_eager_numerics)
     elif engine.accelerator.is_main_process:
         for key, value, default in (("torch_compile_mode", cfg.torch_compile_mode, "default"),
-                                    ("torch_compile_scope", cfg.torch_compile_scope, "layers")):
+                                    ("torch_compile_eager_numerics", cfg.torch_compile_eager_numerics, True)):
             if value != default:
-                print(f"note: {key} {value} has no effect: the layers are not compiled (torch_compile: auto "
+                print(f"note: {key} {str(value).lower()} has no effect: the layers are not compiled (torch_compile: auto "
                       "compiles them on CUDA with packing, not under DeepSpeed; true compiles them)", file=sys.stderr)
     return ScoredLM(model)
 
@@ -464,7 +461,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     reference_model = sample_model_of(run.train_ref)
     if run.compiled and run.ref_mode == "model" and reference_model is not None:
         compile_layers(reference_model.model, dynamic=cfg.torch_compile_dynamic, mode=cfg.torch_compile_mode,
-                       scope=cfg.torch_compile_scope)
+                       eager_numerics=cfg.torch_compile_eager_numerics)
     run.peak_flops = peak_flops(engine.device)
     dims = model_dims(engine.inner())
     forwards = 3 + (run.ref_mode in ("model", "adapters_off"))  # policy forward and backward, reference forward
