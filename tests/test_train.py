@@ -352,6 +352,78 @@ def test_two_processes_log_the_losses_of_one_process_with_the_same_global_batch(
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
 
 
+def test_two_processes_share_the_precomputed_reference_and_its_cache(one_process, tmp_path, monkeypatch):
+    """``reference_mode: precomputed`` under DDP on 2 CPU ranks: each rank computes every second
+    group's reference log-probs and the shares are gathered, so the run logs the losses of one
+    process with a live reference (in fp32 the two are the same numbers). The cache holds every
+    train and eval group once; a second run reads it (both ranks agree it is there) and logs the
+    same losses without rewriting it."""
+    monkeypatch.setenv("PREFIXPO_CACHE", str(tmp_path / "cache"))
+    config = two_process_config(tmp_path)
+    launch_two("-m", "prefixpo.cli", "train", "--config", str(config), "--reference_mode", "precomputed")
+    first = records(tmp_path / "run")
+    assert_same_losses(records(one_process), first)
+    caches = sorted((tmp_path / "cache" / "reference").iterdir())
+    stored = sorted(len(torch.load(path, weights_only=True)) for path in caches)
+    assert stored == [47, 47]  # train and eval (max_samples caps both): every group once, no temporary file
+    assert all(t.numel() >= 2 for path in caches for t in torch.load(path, weights_only=True))
+    written = [path.stat().st_mtime_ns for path in caches]
+    launch_two("-m", "prefixpo.cli", "train", "--config", str(config), "--reference_mode", "precomputed",
+               "--output_dir", str(tmp_path / "again"))
+    assert [(r["split"], r["step"], r["loss"]) for r in records(tmp_path / "again")] == \
+        [(r["split"], r["step"], r["loss"]) for r in first]
+    assert sorted((tmp_path / "cache" / "reference").iterdir()) == caches
+    assert [path.stat().st_mtime_ns for path in caches] == written
+
+
+PRECOMPUTE_PROBE = """
+import json, sys
+import torch
+from accelerate import Accelerator
+from prefixpo.modeling import apply_prefix_attention, decoder_of, load_model
+from prefixpo.oracle import random_groups
+from prefixpo.reference import precompute_reference
+
+accelerator = Accelerator(cpu=True)
+model = apply_prefix_attention(load_model(sys.argv[1], seed=0).eval(), "sdpa")
+seen = []
+decoder_of(model).register_forward_hook(lambda module, args, kwargs, out: seen.append(len(kwargs["input_ids"])),
+                                       with_kwargs=True)
+groups = random_groups(model.config.vocab_size, 11, 2, 0, max_prompt=20, max_response=10)
+sums = precompute_reference(model, groups, __import__("pathlib").Path(sys.argv[2]), batch_size=2,
+                            accelerator=accelerator)
+json.dump({"rows": sum(seen), "sums": [t.tolist() for t in sums]},
+          open(f"{sys.argv[3]}-{accelerator.process_index}.json", "w"))
+"""
+
+
+def test_each_process_precomputes_a_share_of_the_reference(tmp_path):
+    """``precompute_reference`` on 2 ranks: each runs the reference on its share of the groups
+    (6 and 5 of 11; no rank on all of them) and both return every group's sums, those of one
+    process computing all; one cache file, none left over. Run again, both ranks read the cache."""
+    from prefixpo.modeling import apply_prefix_attention, load_model
+    from prefixpo.oracle import random_groups
+    from prefixpo.reference import reference_sums
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PRECOMPUTE_PROBE)
+    config, cache = str(QUICK / "model" / "config.json"), tmp_path / "cache" / "ref.pt"
+    launch_two(str(probe), config, str(cache), str(tmp_path / "first"))
+    model = apply_prefix_attention(load_model(config, seed=0).eval(), "sdpa")
+    groups = random_groups(model.config.vocab_size, 11, 2, 0, max_prompt=20, max_response=10)
+    alone = [t.tolist() for t in reference_sums(model, groups, range(11), batch_size=2)]
+    first = [json.loads((tmp_path / f"first-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["rows"] for r in first] == [6, 5]
+    for result in first:
+        assert len(result["sums"]) == 11
+        for got, want in zip(result["sums"], alone):
+            assert got == pytest.approx(want, rel=1e-5)
+    assert [p.name for p in cache.parent.iterdir()] == ["ref.pt"]
+    launch_two(str(probe), config, str(cache), str(tmp_path / "again"))
+    again = [json.loads((tmp_path / f"again-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["rows"] for r in again] == [0, 0] and [r["sums"] for r in again] == [r["sums"] for r in first]
+
+
 def test_fsdp2_on_two_processes_matches_one_and_resumes_from_sharded_state(one_process, tmp_path):
     """The trainer's FSDP2 path on 2 CPU ranks (tests/fsdp_cpu.py turns accelerate's FSDP2 state
     on, which accelerate offers on GPUs only): the losses of one process with the same global

@@ -123,31 +123,66 @@ def model_fingerprint(name_or_path: str, seed: int, dtype: str) -> str:
 
 
 @torch.no_grad()
-def precompute_reference(reference: nn.Module, groups: Sequence[Group], cache_path: Path,
-                         batch_size: int = 8, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                         share_prefix: bool = True) -> list[torch.Tensor]:
-    """Per-group reference log-prob sums ``[n_responses]`` (fp32, on CPU), computed once and cached."""
-    if cache_path.is_file():
-        return torch.load(cache_path, weights_only=True)
+def reference_sums(reference: nn.Module, groups: Sequence[Group], indices: Sequence[int], batch_size: int = 8,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, share_prefix: bool = True) -> list[torch.Tensor]:
+    """Reference log-prob sums ``[n_responses]`` (fp32, on CPU) of ``groups[i]`` for each of ``indices``."""
     device = next(reference.parameters()).device
     out: list[torch.Tensor] = []
-    for start in range(0, len(groups), batch_size):
-        rows = [[i] for i in range(start, min(start + batch_size, len(groups)))]
+    for start in range(0, len(indices), batch_size):
+        rows = [[i] for i in indices[start:start + batch_size]]
         batch = batch_rows(groups, rows, prefix_sharing=share_prefix, pad_to_multiple_of=128).to(device)
         sums = compute_logps(reference, batch, chunk_size=chunk_size).sums.float().cpu()
         out += list(sums.split([len(groups[i].response_ids) for i, in rows]))
+    return out
+
+
+def precompute_reference(reference: nn.Module, groups: Sequence[Group], cache_path: Path,
+                         batch_size: int = 8, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         share_prefix: bool = True, accelerator: Any = None) -> list[torch.Tensor]:
+    """Per-group reference log-prob sums ``[n_responses]`` (fp32, on CPU), computed once and cached.
+
+    With an ``accelerator`` of several processes, each computes every world-size-th group and the
+    shares are gathered, so no process waits for another to compute them all (a wait that long
+    would outlast the collective timeout on a large dataset); every node's first process writes the
+    cache. The processes agree on whether the cache is there before any of them reads it."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    found = cache_path.is_file()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        found = all(gather_object([found]))
+    if found:
+        return torch.load(cache_path, weights_only=True)
+    kw = {"batch_size": batch_size, "chunk_size": chunk_size, "share_prefix": share_prefix}
+    if world == 1:
+        out = reference_sums(reference, groups, range(len(groups)), **kw)
+    else:
+        from accelerate.utils import gather_object
+
+        rank = accelerator.process_index
+        mine = reference_sums(reference, groups, range(rank, len(groups), world), **kw)
+        shares = gather_object([(rank, torch.cat(mine) if mine else torch.zeros(0), [len(t) for t in mine])])
+        out = [torch.zeros(0)] * len(groups)
+        for r, flat, lengths in shares:
+            for i, sums in zip(range(r, len(groups), world), flat.split(lengths)):
+                out[i] = sums
+    if world == 1 or accelerator.is_local_main_process:
+        _write_cache(out, cache_path)
+    return out
+
+
+def _write_cache(per_group: list[torch.Tensor], cache_path: Path) -> None:
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     # a file of this process's own, renamed into place: processes of other nodes on a shared disk
     # may write the same entry at once
     handle, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=f"{cache_path.name}.tmp-")
     os.close(handle)
     try:
-        torch.save(out, tmp)
+        torch.save(per_group, tmp)
         os.replace(tmp, cache_path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return out
 
 
 def reference_from_cache(per_group: Sequence[torch.Tensor]) -> ReferenceFn:
@@ -307,13 +342,13 @@ def build_reference(cfg: TrainConfig, engine: Any, train_groups: Sequence[Group]
 
 
 def precomputed(cfg: TrainConfig, model: nn.Module, source: str, groups: Sequence[Group], accelerator: Any) -> ReferenceFn:
-    """The reference log-probs of ``groups``, computed once (one process per node writes the cache)."""
+    """The reference log-probs of ``groups``, computed once, a share on each process (one process
+    per node writes the cache)."""
     key = model_fingerprint(source, cfg.seed, "bf16" if cfg.bf16 else "fp32")
     path = Path(default_cache_dir()).parent / "reference" / \
         f"{key}-{groups_fingerprint(groups)}-{int(cfg.prefix_sharing)}.pt"
-    with accelerator.local_main_process_first():
-        per_group = precompute_reference(model, groups, path, cfg.per_device_eval_batch_size,
-                                         cfg.logps_chunk_size, cfg.prefix_sharing)
+    per_group = precompute_reference(model, groups, path, cfg.per_device_eval_batch_size, cfg.logps_chunk_size,
+                                     cfg.prefix_sharing, accelerator=accelerator)
     return reference_from_cache(per_group)
 
 
