@@ -19,6 +19,11 @@ What it measures, per length profile (``prefixpo/bench/profiles.json``) and per 
   ln 2. Later losses agree only when both train the same pairs in a step: with one step = all the
   pairs (``--pairs`` = ``--batch``) the order does not matter, and the CPU test checks that
   (tests/test_head_to_head.py); otherwise the two trainers shuffle differently.
+- **log-probs** (in ``results.json`` only: ``logps_chosen``, ``logps_rejected``): the policy's
+  summed log-probs per pair, averaged over each of the first steps' pairs, as both trainers log
+  them. Step 1 runs the initial weights, so two prefixpo runs (say the default and
+  ``torch_compile=false``, ``packing=false``, which train the same pairs per step) compare there
+  without the rounding that the optimizer's first update amplifies.
 
 Same data on both sides: each profile's synthetic groups (``sample_groups``) are written as a JSONL
 of ``{"prompt", "chosen", "rejected"}`` strings (TRL's standard format) whose words are token ids
@@ -199,7 +204,7 @@ def trl_worker(spec_path: str) -> None:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and steps and steps[-1]["step"] == state.global_step:
-                steps[-1].update({k: logs[k] for k in ("loss", "grad_norm", "learning_rate") if k in logs})
+                steps[-1].update({k: logs[k] for k in ("loss", "grad_norm", "learning_rate", "logps/chosen", "logps/rejected") if k in logs})
 
     out = Path(spec["run_dir"])
     config = trl.DPOConfig(
@@ -301,7 +306,7 @@ def run_trl(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     for s in res["steps"]:
         ends.append(s["end"])
         steps.append({"step": s["step"], "time_s": s["end"] - (ends[-2] if len(ends) > 1 else begin),
-                      **{k: s[k] for k in ("loss", "grad_norm", "learning_rate") if k in s}})
+                      **{k: s[k] for k in ("loss", "grad_norm", "learning_rate", "logps/chosen", "logps/rejected") if k in s}})
     per_epoch = math.ceil(spec["rows"] / spec["batch"])
     for i, s in enumerate(steps):  # the last batch of an epoch may be short
         in_epoch = i % per_epoch
@@ -330,6 +335,7 @@ def run_prefixpo(spec: dict[str, Any], sets: list[str], env: dict[str, str]) -> 
         return {"ok": False, **proc}
     steps = [{"step": r["step"], "time_s": r["step_time_s"], "pairs": int(r["pairs"]) if float(r["pairs"]).is_integer() else r["pairs"],
               "loss": r["loss"], "grad_norm": r.get("grad_norm"), "learning_rate": r.get("learning_rate"),
+              **{k: r[k] for k in ("logps/chosen", "logps/rejected") if k in r},
               **({"mfu": r["mfu"]} if "mfu" in r else {}),
               **({"recompiles": r["recompiles"]} if "recompiles" in r else {})} for r in records]
     first = records[0]
@@ -377,6 +383,10 @@ def summarize(run: dict[str, Any], warmup: int) -> dict[str, Any]:
             "slowest_over_median": later[slowest] / statistics.median(later) if later else None,
             "slowest_step": steps[1 + slowest]["step"] if later else None,
             "losses": [s.get("loss") for s in steps[:5]], "grad_norms": [s.get("grad_norm") for s in steps[:5]],
+            # the policy's summed log-probs per pair (both trainers' mean over the step's pairs): at
+            # step 1 the weights are the initial ones, so two ways of computing them compare directly
+            "logps_chosen": [s.get("logps/chosen") for s in steps[:5]],
+            "logps_rejected": [s.get("logps/rejected") for s in steps[:5]],
             # graphs compiled from step 1 on (prefixpo's compiled layers; counted by its trainer)
             "recompiles": max(counted) if (counted := [s["recompiles"] for s in steps if "recompiles" in s]) else None}
 

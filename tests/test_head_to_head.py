@@ -2,8 +2,8 @@
 
 A tiny random Llama, the four first pairs of the hh-rlhf profile, one step = all four pairs (so the
 two trainers' data orders do not matter), three steps (three epochs), fp32, learning rate 1e-4:
-both runs finish, log step 1 at ln 2 (the policy is the reference), the same gradient norm at step
-1, and the same losses at steps 2 and 3 -- which take the first two AdamW updates and the linear
+both runs finish, log step 1 at ln 2 (the policy is the reference), the same summed log-probs and
+gradient norm at step 1, and the same losses at steps 2 and 3 -- which take the first two AdamW updates and the linear
 schedule's rates into account. prefixpo runs as the GPU default does: packed, its layers compiled
 (warmed before step 1, so the script's ``recompiles`` column reads 0; TRL's reads "-").
 """
@@ -62,6 +62,8 @@ def test_trl_and_prefixpo_train_alike(tmp_path: Path) -> None:
     assert b["recompiles"] == 0 and a["recompiles"] is None  # prefixpo's compiled layers: nothing after the warm-up
     assert "| recompiles |" in proc.stdout and f"| {b['steady_pairs_per_s']:.2f} |" in proc.stdout
     assert a["grad_norms"][0] == pytest.approx(b["grad_norms"][0], rel=1e-4)
+    for key in ("logps_chosen", "logps_rejected"):  # the same pairs at step 1: the same summed log-probs
+        assert a[key][0] < 0 and a[key][0] == pytest.approx(b[key][0], rel=1e-5), key
     assert a["losses"][1] < math.log(2) - 0.05  # the update moved the loss: the comparison below means something
     assert a["losses"][1] == pytest.approx(b["losses"][1], abs=1e-4)
     assert a["losses"][2] == pytest.approx(b["losses"][2], abs=1e-4)
