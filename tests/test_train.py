@@ -389,18 +389,23 @@ model = apply_prefix_attention(load_model(sys.argv[1], seed=0).eval(), "sdpa")
 seen = []
 decoder_of(model).register_forward_hook(lambda module, args, kwargs, out: seen.append(len(kwargs["input_ids"])),
                                        with_kwargs=True)
-groups = random_groups(model.config.vocab_size, 11, 2, 0, max_prompt=20, max_response=10)
-sums = precompute_reference(model, groups, __import__("pathlib").Path(sys.argv[2]), batch_size=2,
-                            accelerator=accelerator)
-json.dump({"rows": sum(seen), "sums": [t.tolist() for t in sums]},
-          open(f"{sys.argv[3]}-{accelerator.process_index}.json", "w"))
+count = 11 + (accelerator.process_index if sys.argv[4:] == ["mismatch"] else 0)
+groups = random_groups(model.config.vocab_size, count, 2, 0, max_prompt=20, max_response=10)
+try:
+    sums = precompute_reference(model, groups, __import__("pathlib").Path(sys.argv[2]), batch_size=2,
+                                accelerator=accelerator)
+    result = {"rows": sum(seen), "sums": [t.tolist() for t in sums]}
+except Exception as error:
+    result = {"error": f"{type(error).__name__}: {error}"}
+json.dump(result, open(f"{sys.argv[3]}-{accelerator.process_index}.json", "w"))
 """
 
 
 def test_each_process_precomputes_a_share_of_the_reference(tmp_path):
     """``precompute_reference`` on 2 ranks: each runs the reference on its share of the groups
     (6 and 5 of 11; no rank on all of them) and both return every group's sums, those of one
-    process computing all; one cache file, none left over. Run again, both ranks read the cache."""
+    process computing all; one cache file, none left over. Run again, both ranks read the cache.
+    Ranks holding different groups stop, all of them, before computing anything."""
     from prefixpo.modeling import apply_prefix_attention, load_model
     from prefixpo.oracle import random_groups
     from prefixpo.reference import reference_sums
@@ -422,6 +427,13 @@ def test_each_process_precomputes_a_share_of_the_reference(tmp_path):
     launch_two(str(probe), config, str(cache), str(tmp_path / "again"))
     again = [json.loads((tmp_path / f"again-{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rows"] for r in again] == [0, 0] and [r["sums"] for r in again] == [r["sums"] for r in first]
+    cache.unlink()
+    launch_two(str(probe), config, str(cache), str(tmp_path / "mismatch"), "mismatch")  # 11 groups and 12
+    for rank in (0, 1):
+        error = json.loads((tmp_path / f"mismatch-{rank}.json").read_text())["error"]
+        assert error.startswith("TrainingError: the processes hold different data for the precomputed reference")
+        assert "group counts [11, 12]" in error
+    assert not cache.exists()
 
 
 def test_fsdp2_on_two_processes_matches_one_and_resumes_from_sharded_state(one_process, tmp_path):
@@ -669,7 +681,7 @@ def test_compiled_layers_see_every_shape_before_step_1(tmp_path, capsys, monkeyp
                           torch_compile_mode=mode)
     counters.clear()
     assert main(["train", "--config", str(config)]) == 0
-    expected = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
+    expected = {**torch._inductor.list_mode_options(mode, dynamic), "emulate_precision_casts": True}
     assert options and all(o == expected for o in options), options  # every layer, policy and reference
     layers = json.loads((QUICK / "model" / "config.json").read_text())["num_hidden_layers"]
     assert compiled == ["LlamaDecoderLayer"] * (2 * layers)

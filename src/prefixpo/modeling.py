@@ -275,7 +275,9 @@ def compile_layers(model: nn.Module, dynamic: bool = True, max_shapes: int = 64,
                  "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), max_shapes))
-    options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": eager_numerics}
+    options = torch._inductor.list_mode_options(mode, dynamic)  # what torch.compile(mode=...) applies
+    if "emulate_precision_casts" in torch._inductor.list_options():
+        options["emulate_precision_casts"] = eager_numerics
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=dynamic, options=options)

@@ -144,13 +144,19 @@ def precompute_reference(reference: nn.Module, groups: Sequence[Group], cache_pa
     With an ``accelerator`` of several processes, each computes every world-size-th group and the
     shares are gathered, so no process waits for another to compute them all (a wait that long
     would outlast the collective timeout on a large dataset); every node's first process writes the
-    cache. The processes agree on whether the cache is there before any of them reads it."""
+    cache. The processes agree on whether the cache is there before any of them reads it, and
+    must hold the same groups (the cache entry's name carries their fingerprint)."""
     world = accelerator.num_processes if accelerator is not None else 1
     found = cache_path.is_file()
     if world > 1:
         from accelerate.utils import gather_object
 
-        found = all(gather_object([found]))
+        views = gather_object([(found, cache_path.name, len(groups))])
+        if len({view[1:] for view in views}) > 1:  # each share would land on another rank's groups
+            raise TrainingError("the processes hold different data for the precomputed reference (cache entries "
+                                f"{sorted({v[1] for v in views})}, group counts {sorted({v[2] for v in views})}); "
+                                "every process must load the same dataset, max_samples and seed")
+        found = all(view[0] for view in views)
     if found:
         return torch.load(cache_path, weights_only=True)
     kw = {"batch_size": batch_size, "chunk_size": chunk_size, "share_prefix": share_prefix}
