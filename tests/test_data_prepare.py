@@ -91,3 +91,33 @@ def test_only_prefixpo_bars_between_its_lines(tmp_path):
         for bar in ("Flattening the indices", "Saving the dataset", "Loading dataset"):
             assert bar not in done.stderr
     assert "prefixpo: tokenizing" not in done.stderr  # the hit tokenizes nothing
+
+
+def test_ctrl_c_stops_a_command_in_one_line(tmp_path):
+    """Ctrl-C while a command reads its data (before training, which saves on SIGINT itself): the
+    ``prefixpo`` executable prints one line and exits 130, without a traceback. The data is a file
+    large enough that ``prepare`` is still tokenizing when the interrupt comes."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    rows = tmp_path / "big.jsonl"
+    text = " ".join(["word"] * 200)
+    rows.write_text("".join(json.dumps({"prompt": f"{i} {text}", "chosen": text, "rejected": f"no {text}"}) + "\n"
+                            for i in range(50_000)))
+    tok = saved_tokenizer(tmp_path)
+    exe = shutil.which("prefixpo")
+    assert exe, "the package's `prefixpo` executable is installed"
+    proc = subprocess.Popen([exe, "prepare", "--dataset", str(rows), "--tokenizer", tok, "--cache-dir",
+                             str(tmp_path / "cache")], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    while not any("tokenizing" in line for line in seen[-1:]):  # the command is running: interrupt it now
+        seen.append(proc.stderr.readline())
+        assert seen[-1] or proc.poll() is None, "".join(seen)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "prefixpo prepare: interrupted", err[-2000:]

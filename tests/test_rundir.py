@@ -184,3 +184,54 @@ def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path):
     assert f"another run is writing to this output_dir (pid {os.getpid()} on" in busy.stderr
     assert not (tmp_path / "run" / "config.yaml").exists()
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0  # the lock went with its holder
+
+
+def test_a_resume_with_other_training_settings_is_refused_before_anything_loads(tmp_path, capsys):
+    """Each checkpoint keeps the config it was saved under. A resume that changes what the run
+    trains with (learning rate, loss, batch, data, seed) stops in one line naming each changed key
+    and what to do, leaving the run as it was (config.yaml too); one that changes only how it logs,
+    saves or computes, or how long it trains, resumes with a note listing the changes."""
+    config = str(write_config(tmp_path, **SHORT))
+    assert main(["train", "--config", config, "--max_steps", "2"]) == 0
+    run = tmp_path / "run"
+    assert (run / "checkpoint-2" / "training_config.yaml").is_file()
+    saved = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    for override, shown in ((["--learning_rate", "1e-4", "--loss_type", "ipo"], "learning_rate 0.001 -> 0.0001, "
+                             "loss_type \"sigmoid\" -> \"ipo\""),
+                            (["--per_device_train_batch_size", "2"], "per_device_train_batch_size 4 -> 2"),
+                            (["--seed", "7"], "seed 0 -> 7")):
+        assert main(["train", "--config", config, "--max_steps", "4", "--resume_from_checkpoint", "latest",
+                     *override]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"resume_from_checkpoint checkpoint-2: this config changes what the checkpoint's run trained with " \
+               f"({shown}); resume with that run's settings ({run / 'checkpoint-2' / 'training_config.yaml'}), " \
+               f"or start a new run from its weights in another output_dir (model_name_or_path: " \
+               f"{run / 'checkpoint-2'})" in err, err
+    assert (run / "config.yaml").read_text() == saved and [r["step"] for r in timeless(run / "metrics.jsonl")] == [1, 2]
+    assert main(["train", "--config", config, "--max_steps", "4", "--resume_from_checkpoint", "latest",
+                 "--logging_steps", "2", "--torch_compile", "false"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming checkpoint-2 with changed settings: max_steps 2 -> 4, torch_compile \"auto\" -> false, " \
+           "logging_steps 1 -> 2" in err, err
+    assert [r["step"] for r in timeless(run / "metrics.jsonl")] == [1, 2, 4]  # logged every second step now
+
+
+def test_a_checkpoint_named_alone_is_found_in_output_dir_and_later_ones_are_not_left_behind(tmp_path, capsys):
+    """``--resume_from_checkpoint checkpoint-2`` means output_dir's checkpoint-2. Resuming it while
+    checkpoint-4 of the same directory exists is refused (that checkpoint belongs to the run being
+    replaced, and ``latest`` would resume it later); with checkpoint-4 moved away it resumes."""
+    config = str(write_config(tmp_path, **SHORT))
+    assert main(["train", "--config", config]) == 0
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--max_steps", "6", "--resume_from_checkpoint", "checkpoint-2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"resume_from_checkpoint checkpoint-2: {run} holds later checkpoints (checkpoint-4) of the run this " \
+           "resume would replace, which `latest` would pick up again; move or delete them first" in err, err
+    (run / "checkpoint-4").rename(tmp_path / "kept-checkpoint-4")
+    assert main(["train", "--config", config, "--max_steps", "6", "--resume_from_checkpoint", "checkpoint-2"]) == 0
+    assert f"resumed from {run / 'checkpoint-2'} at step 2" in capsys.readouterr().err
+    assert [r["step"] for r in timeless(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

@@ -183,6 +183,12 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint directory's name (``checkpoint-40``: 40), None for another name."""
+    m = _CHECKPOINT.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     """``latest`` (the newest finished checkpoint in ``output_dir``) or a checkpoint directory."""
     if spec == "latest":
@@ -191,6 +197,8 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
             raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir} holds no finished checkpoint")
         return found[-1]
     path = Path(spec)
+    if not path.exists() and (output_dir / spec).is_dir():  # a bare checkpoint name
+        path = output_dir / spec
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a prefixpo checkpoint (no {STATE_FILE})")
     return path

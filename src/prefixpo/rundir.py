@@ -11,10 +11,18 @@
   requeued with the same command);
 - a finished stage is skipped, unless ``max_steps`` (or ``num_train_epochs``) was raised: then it
   continues from its newest checkpoint to the new end.
+
+A resumed stage must be the run its checkpoint comes from: every checkpoint keeps the config it
+was saved under (``training_config.yaml``), and a resume whose config differs in a key outside
+``RESUME_MAY_CHANGE`` (the learning rate, the loss, the batch, the data, ...) is refused, naming
+the keys; the keys that may change are listed in a note. A checkpoint named without its directory
+(``checkpoint-40``) is looked up in ``output_dir``; resuming one that has later checkpoints beside
+it is refused (they belong to the run being replaced, and ``latest`` would pick them up).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,11 +32,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefixpo.checkpoint import list_checkpoints
+import yaml
+
+from prefixpo.checkpoint import checkpoint_step, list_checkpoints
 from prefixpo.errors import ConfigError
 from prefixpo.train_config import TrainConfig
 
 DONE_MARKER = "training_done.json"
+RUN_CONFIG = "training_config.yaml"  # in each checkpoint: the config it was saved under
+# keys a resumed run may set otherwise than its checkpoint's run: where and how often it logs,
+# saves and evaluates, how long it trains, and how it computes (not what)
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "eval_steps", "save_steps",
+    "save_total_limit", "report_to", "disable_progress_bar", "torch_num_threads", "dataset_num_proc",
+    "per_device_eval_batch_size", "eval_dataset", "eval_split", "generate_during_eval", "num_generations",
+    "max_new_tokens", "loss_spike_factor", "num_train_epochs", "max_steps", "gradient_checkpointing",
+    "activation_offloading", "torch_compile", "torch_compile_dynamic", "torch_compile_mode",
+    "torch_compile_eager_numerics", "attention_backend", "logps_chunk_size"})
 LOCK_FILE = ".prefixpo.lock"
 # what a run writes into its output_dir (config.yaml alone is no run: it is written before anything loads)
 RUN_FILES = ("metrics.jsonl", "final", DONE_MARKER, "samples", "curves.png", "config.yaml")
@@ -112,6 +132,35 @@ class StagePlan:
     clear: bool = False
 
 
+def resume_changes(cfg: TrainConfig, checkpoint: Path) -> str | None:
+    """A note of the keys that ``cfg`` sets otherwise than the run that saved ``checkpoint`` (None
+    when none, or for a checkpoint without its config); ``ConfigError`` when a key outside
+    ``RESUME_MAY_CHANGE`` differs, since the resumed steps would then belong to another run."""
+    saved_path = checkpoint / RUN_CONFIG
+    if not saved_path.is_file():
+        return None
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+
+    def shown(keys: list[str]) -> str:
+        return ", ".join(f"{k} {_short(saved[k])} -> {_short(now[k])}" for k in keys)
+
+    refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise ConfigError(
+            f"resume_from_checkpoint {checkpoint.name}: this config changes what the checkpoint's run trained "
+            f"with ({shown(refused)}); resume with that run's settings ({saved_path}), or start a new run from its "
+            f"weights in another output_dir (model_name_or_path: {checkpoint})")
+    noted = [k for k in changed if k not in ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")]
+    return f"resuming {checkpoint.name} with changed settings: {shown(noted)}" if noted else None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def plan_stage(cfg: TrainConfig, continuing: bool = False) -> StagePlan:
     """What ``prefixpo train`` does with ``cfg``'s stage. ``continuing``: an earlier stage of the
     same run was resumed or skipped as finished. Raises ``ConfigError`` when the directory's run
@@ -125,7 +174,16 @@ def plan_stage(cfg: TrainConfig, continuing: bool = False) -> StagePlan:
                               "another output_dir")
         return StagePlan("start", clear=state.holds_run)
     if resume not in ("latest", "auto"):
-        return StagePlan("resume", resume)
+        path = Path(resume)
+        if not path.exists() and (Path(out) / resume).is_dir():  # a bare checkpoint name: in output_dir
+            path = Path(out) / resume
+        later = [c.name for c in state.checkpoints if path.parent.resolve() == Path(out).resolve()
+                 and checkpoint_step(c) > (checkpoint_step(path) or 0)]
+        if later:
+            raise ConfigError(f"resume_from_checkpoint {path.name}: {out} holds later checkpoints ({', '.join(later)}) "
+                              "of the run this resume would replace, which `latest` would pick up again; move or "
+                              "delete them first, or resume from latest")
+        return StagePlan("resume", str(path), note=resume_changes(cfg, path))
     if state.done is not None:
         if not asks_for_more(cfg, state.done):
             return StagePlan("skip", note=f"{name} already finished at step {state.done.get('steps')}; skipping "
@@ -134,11 +192,12 @@ def plan_stage(cfg: TrainConfig, continuing: bool = False) -> StagePlan:
             raise ConfigError(f"{name} finished at step {state.done.get('steps')} and kept no checkpoint to continue "
                               f"from (set save_steps to keep one); train further in a new output_dir with "
                               f"--model_name_or_path {Path(out) / 'final'}")
+        changes = resume_changes(cfg, state.checkpoints[-1])
         return StagePlan("resume", str(state.checkpoints[-1]),
                          note=f"{name} finished at step {state.done.get('steps')}; continuing from "
-                              f"{state.checkpoints[-1].name} to the new end")
+                              f"{state.checkpoints[-1].name} to the new end" + (f"\n{changes}" if changes else ""))
     if state.checkpoints:
-        return StagePlan("resume", str(state.checkpoints[-1]))
+        return StagePlan("resume", str(state.checkpoints[-1]), note=resume_changes(cfg, state.checkpoints[-1]))
     if resume == "auto" or continuing:
         return StagePlan("start", note=f"{name}: no checkpoint to resume; starting it", clear=state.holds_run)
     raise ConfigError(f"resume_from_checkpoint latest: {out} holds no finished checkpoint to resume"

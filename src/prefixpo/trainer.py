@@ -89,7 +89,7 @@ from prefixpo.reference import (
     reference_for_step,
     reference_sync,
 )
-from prefixpo.rundir import DONE_MARKER, finished_record
+from prefixpo.rundir import DONE_MARKER, RUN_CONFIG, finished_record
 from prefixpo.samples import eval_samples, sample_model_of
 from prefixpo.step import StepResult, activation_offload, preference_step, sft_step
 from prefixpo.train_config import SCHEDULERS
@@ -515,6 +515,7 @@ def save(run: Run, at_step: int) -> Path:
     if run.main:
         with written_whole(tmp, run.last_saved):
             save_model(run.engine.inner(), run.tokenizer, start_checkpoint(run.out, at_step), state_dict=weights)
+            save_config(run.cfg, tmp / RUN_CONFIG)  # what a resume is checked against
             if run.sync is not None:
                 run.sync.save(tmp, ref_weights)
     run.accelerator.wait_for_everyone()  # the temporary directory exists
