@@ -141,3 +141,18 @@ def test_no_usable_rows_is_one_line_whatever_the_cache_holds(tmp_path):
             load_groups(cfg, make_tokenizer())
         assert str(e.value) == (f"{data}: no usable rows: 2 read, by reason {{'identical': 2}}. Fix the data, or "
                                 "check split, format and column_map")
+
+
+def test_responses_that_truncation_makes_identical_are_filtered_and_reported(tmp_path):
+    """Two responses that differ only past ``max_length`` would train as an identical pair (no
+    signal, loss ln 2 for ever): the row is filtered, named in the report with the fix."""
+    same = "one two three four five six seven eight nine ten " * 3
+    row = {"prompt": "Hi", "chosen": same + "yes", "rejected": same + "no"}
+    groups, report = load_groups(DataConfig(write(tmp_path, [GOOD, row]), cache_dir=None, max_length=40),
+                                 make_tokenizer())
+    assert report.rows_kept == 1 and not report.bad_rows
+    assert [(b.row, b.kind, b.column) for b in report.filtered] == [(2, "identical_when_truncated", "responses")]
+    assert "identical within max_length=40 (they differ after it)" in report.summary()
+    groups, report = load_groups(DataConfig(write(tmp_path, [GOOD, row]), cache_dir=None, max_length=80),
+                                 make_tokenizer())
+    assert report.rows_kept == 2 and not report.filtered and report.truncated == 0

@@ -41,7 +41,8 @@ from prefixpo.data.tokenize import (
 )
 from prefixpo.layout import Group
 
-CACHE_VERSION = 3  # 2: pairs column, merged groups, merge counts; 3: strings raw unless use_chat_template, EOS once
+CACHE_VERSION = 4  # 2: pairs column, merged groups, merge counts; 3: strings raw unless use_chat_template, EOS once;
+# 4: responses identical once truncated are filtered
 FEATURES = datasets.Features({
     "row": datasets.Value("int64"), "status": datasets.Value("string"), "kind": datasets.Value("string"),
     "column": datasets.Value("string"), "reason": datasets.Value("string"), "fix": datasets.Value("string"),

@@ -283,4 +283,8 @@ def truncate(prompt: list[int], responses: list[list[int]], max_length: int | No
             raise RowError("too_long", "prompt", f"the prompt has {len(prompt)} tokens, leaving no room for a "
                            f"response within max_length={max_length}", "set max_prompt_length below max_length")
         responses = [r[:max_length - len(prompt)] for r in responses]
+        if len({tuple(r) for r in responses}) < len(responses):  # they differ only past the limit
+            raise RowFiltered("identical_when_truncated", "responses",
+                              f"the responses are identical within max_length={max_length} (they differ after it), "
+                              "so the pair teaches nothing; raise max_length to keep the row")
     return prompt, responses, True
