@@ -70,3 +70,14 @@ def test_bench_loads_the_packaged_profiles(tmp_path):
     done = bench_command(tmp_path, "--device", "cpu", "--profile", "no-such-profile")
     assert done.returncode != 0
     assert "the profiles are: " + ", ".join(NAMES) in done.stderr.replace("\n", " ")
+
+
+def test_bench_refuses_a_model_too_big_for_the_cpu_at_once(tmp_path):
+    """``prefixpo bench`` on the CPU with an 8B model: one line saying how much memory it would
+    need against what the machine has, and the small model to pass, before anything is allocated
+    (without the check, llama-1b alone was killed for memory after minutes on a 24 GiB machine)."""
+    done = bench_command(tmp_path, "--device", "cpu", "--model", "llama-8b")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("prefixpo bench: error: llama-8b has 8.0B parameters: on the CPU its benchmark needs "
+                           "about 150 GiB") and line.endswith("--model examples/configs/tiny-llama.json)"), line

@@ -83,6 +83,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="--attention: PNG path (default next to --json)")
 
 
+def too_big_for_memory(name: str, config: Any) -> str | None:
+    """Why the step benchmark of ``config`` cannot run in this machine's memory on the CPU (fp32:
+    weights, gradients and Adam's two moments of the policy, and the reference's weights, 20 bytes
+    a parameter), or None. Counted on the meta device, without allocating."""
+    import os
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+    need, have = 20 * params, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need <= 0.8 * have:
+        return None
+    return (f"{name} has {params / 1e9:.1f}B parameters: on the CPU its benchmark needs about {need / 2**30:.0f} GiB "
+            f"(fp32 weights, gradients, Adam and the reference), and this machine has {have / 2**30:.0f} GiB; run it "
+            "on a GPU, or pass a small model (--model examples/configs/tiny-llama.json)")
+
+
 def _error(message: str) -> int:
     print(f"prefixpo bench: error: {message}", file=sys.stderr)
     return 2
@@ -250,5 +266,7 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(err))
     if args.profile != "all" and args.profile not in profiles["profiles"]:
         return _error(f"unknown profile {args.profile!r}; the profiles are: {', '.join(profiles['profiles'])}")
+    if device.type == "cpu" and (problem := too_big_for_memory(args.model, config)):
+        return _error(problem)
     names = list(profiles["profiles"]) if args.profile == "all" else [args.profile]
     return bench_steps(args, device, profiles, config, names)
