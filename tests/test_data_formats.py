@@ -98,8 +98,15 @@ def test_column_map():
 
 
 def test_column_map_to_missing_column_is_named():
+    """Every mapping to a column the data lacks is an error naming it and the data's columns, even
+    one that detection would not need (``prompt`` on data whose prompt is implicit in the
+    responses): it would otherwise be ignored, and a conversational file then fails on every row
+    for another reason."""
     with pytest.raises(DataError, match="column_map maps 'chosen' to 'best', which is not a column"):
         load("custom_columns.jsonl", column_map={"prompt": "question", "chosen": "best", "rejected": "bad"})
+    with pytest.raises(DataError, match=r"^column_map maps 'prompt' to 'question', which is not a column \(the "
+                                        r"columns are \['chosen', 'rejected'\]\); map to one of them"):
+        load("implicit_hh.jsonl", column_map={"prompt": "question"})
 
 
 def test_role_map():

@@ -67,6 +67,12 @@ def resolve_columns(columns: list[str], fmt: str, column_map: dict[str, str]) ->
     >>> resolve_columns(["q", "good", "bad"], "auto", {"prompt": "q", "chosen": "good", "rejected": "bad"})[0]
     'explicit'
     """
+    missing = {canon: actual for canon, actual in column_map.items() if actual not in columns}
+    if missing:  # a mapping that names no column is a mistake, whether or not detection needs it
+        raise DataError("; ".join(f"column_map maps {canon!r} to {actual!r}, which is not a column"
+                                  for canon, actual in missing.items())
+                        + f" (the columns are {columns}); map to one of them, or leave the name out")
+
     def lookup(name: str) -> str | None:
         if name in column_map:
             return column_map[name] if column_map[name] in columns else None
@@ -85,14 +91,12 @@ def resolve_columns(columns: list[str], fmt: str, column_map: dict[str, str]) ->
         close = difflib.get_close_matches(c, wanted, n=1, cutoff=0.6)
         if close and close[0] not in columns:
             hints.append(f"column {c!r} looks like {close[0]!r}: pass column_map={{{close[0]!r}: {c!r}}}")
-    for canon, actual in column_map.items():
-        if actual not in columns:
-            hints.append(f"column_map maps {canon!r} to {actual!r}, which is not a column")
     what = "detect the format" if fmt == "auto" else f"read format {fmt!r}"
     needs = "; ".join(f"{n}: " + " or ".join("+".join(r) for r in alts) for n, alts in candidates.items())
     raise DataError(f"cannot {what} from columns {columns}. Needed columns, by format: {needs}"
                     + "".join(f"; {h}" for h in hints)
-                    + ". Rename the columns, or map them with column_map (--column-map chosen=good).")
+                    + ". Rename the columns, or map them with column_map (--column-map NAME=COLUMN; e.g. --column-map "
+                    "chosen=good for a column 'good' holding the preferred response).")
 
 
 def _get(row: dict[str, Any], cols: dict[str, str], name: str) -> Any:
