@@ -151,6 +151,8 @@ def test_a_signal_mid_step_saves_that_whole_step_and_resumes_exactly(tmp_path, m
     (["--lr_scheduler_type", "wavy"], "`lr_scheduler_type`"),
     (["--loss_type", "nonsense"], "`loss_type`"),
     (["--packing", "true", "--packing_capacity", "100"], "`packing_capacity`"),
+    (["--beta", "[0.1]"], "config key `beta`: must be a number, got [0.1]"),
+    (["--beta", "-1"], "config key `beta`: loss 'sigmoid': parameter beta=-1.0 is not allowed; it must be > 0"),
 ])
 def test_config_mistakes_name_the_key(tmp_path, capsys, override, message):
     assert main(["train", "--config", str(write_config(tmp_path)), *override]) == 2

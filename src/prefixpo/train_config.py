@@ -309,10 +309,13 @@ class TrainConfig:
                        f"{self.pair_strategy!r}")
         if self.stage != "preference":
             return
+        if not (_is_number(self.beta) and math.isfinite(self.beta)):
+            raise _bad("beta", f"must be a number, got {self.beta!r}")
         try:
             get_loss(self.loss_type, **self.loss_kwargs())
-        except ValueError as err:
-            raise _bad("loss_type", str(err)) from None
+        except ValueError as err:  # named by the key that holds the parameter, where it is a key of its own
+            key = next((k for k in ("beta", "label_smoothing") if f"parameter {k}=" in str(err)), "loss_type")
+            raise _bad(key, str(err)) from None
         try:
             PairConfig(self.pair_strategy, self.pair_min_gap)
         except ValueError as err:
