@@ -2,6 +2,7 @@
 CPU from a fresh directory beside the repository's examples/, reward accuracy above 0.8."""
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -31,4 +32,10 @@ def test_quickstart_trains_and_reward_accuracy_rises(tmp_path):
     lines = done.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["stage sft done", "stage preference done"]
     assert f"rewards/accuracies {evals[-1]['rewards/accuracies']:.4f}" in lines[-1]
+    # each stage's start-up line: the second counts the first stage apart from its own set-up
+    starts = [line for line in done.stderr.splitlines() if line.startswith("start-up: ")]
+    assert len(starts) == 2 and "earlier stages" not in starts[0], starts
+    earlier, before = (float(re.search(rf"{k} ([0-9.]+)s", starts[1]).group(1)) for k in ("earlier stages",
+                                                                                           "before setup"))
+    assert earlier > 1 and before < earlier, starts[1]
     print(f"quickstart: {seconds:.0f} s, eval reward accuracy {evals[-1]['rewards/accuracies']:.2f}")

@@ -429,7 +429,9 @@ def lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup: int,
 
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     """The stage's ``Run`` and the checkpoint it resumes from (restored by ``restore``)."""
-    startup, mark = {"before setup": process_age()}, time.perf_counter()
+    age, mark = process_age(), time.perf_counter()
+    earlier = STAGES_ENDED[-1] if STAGES_ENDED else 0.0  # the stages this process trained before this one
+    startup = {"earlier stages": earlier, "before setup": age - earlier} if earlier else {"before setup": age}
 
     def phase(name: str) -> None:
         nonlocal mark
@@ -710,6 +712,9 @@ def filler_group(length: int, cfg: TrainConfig, share: int = 4) -> Group:
     return Group([0] * max(prompt, 1), [[0] * response for _ in range(responses)])
 
 
+STAGES_ENDED: list[float] = []  # process_age() at the end of each stage this process trained
+
+
 def process_age() -> float:
     """Seconds since this process started (Linux's /proc; elsewhere since prefixpo.trainer loaded)."""
     return time.time() - process_start()
@@ -835,4 +840,6 @@ def train_stage(cfg: TrainConfig) -> dict[str, Any]:
                                                                   run.startup.items()) + ")", file=sys.stderr)
     run.graphs = compiled_graphs() if run.compiled else None
     train_loop(run)
-    return finish(run)
+    done = finish(run)
+    STAGES_ENDED.append(process_age())  # a later stage's start-up line counts from here
+    return done

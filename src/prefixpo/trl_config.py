@@ -390,7 +390,7 @@ def read_trl(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The prefixpo keys of a TRL config; one line on stderr (main process) names the ignored keys."""
     out, ignored = from_trl(raw)
     if os.environ.get("RANK", "0") == "0":
-        listed = ", ".join(ignored) if ignored else "none"
-        print(f"prefixpo train: warning: {where} read as a TRL config (TRL's defaults); "
-              f"ignored keys (no effect on training): {listed}", file=sys.stderr)
+        read = f"{where} read as a TRL config (TRL's defaults)"
+        print(f"prefixpo train: warning: {read}; ignored keys (no effect on training): {', '.join(ignored)}"
+              if ignored else f"prefixpo train: {read}; no key ignored", file=sys.stderr)
     return out
