@@ -156,3 +156,6 @@ def test_responses_that_truncation_makes_identical_are_filtered_and_reported(tmp
     groups, report = load_groups(DataConfig(write(tmp_path, [GOOD, row]), cache_dir=None, max_length=80),
                                  make_tokenizer())
     assert report.rows_kept == 2 and not report.filtered and report.truncated == 0
+    _, report = load_groups(DataConfig(write(tmp_path, [GOOD, row]), cache_dir=None, max_length=40, pairs=False),
+                            make_tokenizer())  # SFT trains the first response only: the row stays
+    assert report.rows_kept == 2 and not report.filtered and report.truncated == 1

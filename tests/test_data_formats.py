@@ -101,12 +101,16 @@ def test_column_map_to_missing_column_is_named():
     """Every mapping to a column the data lacks is an error naming it and the data's columns, even
     one that detection would not need (``prompt`` on data whose prompt is implicit in the
     responses): it would otherwise be ignored, and a conversational file then fails on every row
-    for another reason."""
+    for another reason. Mappings of the other kind of data (preference names on an SFT file) are
+    left alone: one ``--column-map`` serves every stage of a run."""
     with pytest.raises(DataError, match="column_map maps 'chosen' to 'best', which is not a column"):
         load("custom_columns.jsonl", column_map={"prompt": "question", "chosen": "best", "rejected": "bad"})
     with pytest.raises(DataError, match=r"^column_map maps 'prompt' to 'question', which is not a column \(the "
                                         r"columns are \['chosen', 'rejected'\]\); map to one of them"):
         load("implicit_hh.jsonl", column_map={"prompt": "question"})
+    # a mapping for the other kind of data (a preference stage's, on an SFT stage's file) is not this file's
+    groups, report = load("sft_messages.jsonl", column_map={"chosen": "good"})
+    assert report.format == "sft" and len(groups) > 0
 
 
 def test_role_map():

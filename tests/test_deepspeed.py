@@ -94,5 +94,6 @@ def test_zero3_resumes_from_its_checkpoint_with_the_uninterrupted_losses(runs, t
 def test_a_zero3_checkpoint_does_not_resume_without_deepspeed(runs, tmp_path, capsys):
     _, two, config = runs
     assert main(["train", "--config", str(config), "--output_dir", str(tmp_path / "plain"),
+                 "--gradient_accumulation_steps", "4",  # the pairs per step of the 2 ranks' run, in one process
                  "--resume_from_checkpoint", str(two / "checkpoint-2")]) == 1
     assert "was saved with DeepSpeed; resume it with DeepSpeed too" in capsys.readouterr().err

@@ -188,9 +188,10 @@ def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path):
 
 def test_a_resume_with_other_training_settings_is_refused_before_anything_loads(tmp_path, capsys):
     """Each checkpoint keeps the config it was saved under. A resume that changes what the run
-    trains with (learning rate, loss, batch, data, seed) stops in one line naming each changed key
-    and what to do, leaving the run as it was (config.yaml too); one that changes only how it logs,
-    saves or computes, or how long it trains, resumes with a note listing the changes."""
+    trains with (learning rate, loss, data, seed; the pairs a step) stops in one line naming each
+    changed key and what to do, leaving the run as it was (config.yaml too); one that changes only
+    how it logs, saves or computes, how long it trains, or how a step's pairs are split into
+    micro-batches, resumes with a note listing the changes."""
     config = str(write_config(tmp_path, **SHORT))
     assert main(["train", "--config", config, "--max_steps", "2"]) == 0
     run = tmp_path / "run"
@@ -199,21 +200,26 @@ def test_a_resume_with_other_training_settings_is_refused_before_anything_loads(
     capsys.readouterr()
     for override, shown in ((["--learning_rate", "1e-4", "--loss_type", "ipo"], "learning_rate 0.001 -> 0.0001, "
                              "loss_type \"sigmoid\" -> \"ipo\""),
-                            (["--per_device_train_batch_size", "2"], "per_device_train_batch_size 4 -> 2"),
-                            (["--seed", "7"], "seed 0 -> 7")):
+                            (["--seed", "7"], "seed 0 -> 7"),
+                            (["--per_device_train_batch_size", "2"], None)):
         assert main(["train", "--config", config, "--max_steps", "4", "--resume_from_checkpoint", "latest",
                      *override]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
-        assert f"resume_from_checkpoint checkpoint-2: this config changes what the checkpoint's run trained with " \
-               f"({shown}); resume with that run's settings ({run / 'checkpoint-2' / 'training_config.yaml'}), " \
-               f"or start a new run from its weights in another output_dir (model_name_or_path: " \
-               f"{run / 'checkpoint-2'})" in err, err
+        assert (f"resume_from_checkpoint checkpoint-2: this config changes what the checkpoint's run trained with "
+                f"({shown}); resume with that run's settings ({run / 'checkpoint-2' / 'training_config.yaml'}), "
+                f"or start a new run from its weights in another output_dir (model_name_or_path: "
+                f"{run / 'checkpoint-2'})" if shown else
+                "resume_from_checkpoint checkpoint-2: the checkpoint's run trained 8 pairs a step "
+                "(per_device_train_batch_size x gradient_accumulation_steps x 1 processes), this config 4 "
+                "(2 x 2 x 1); keep the pairs per step") in err, err
     assert (run / "config.yaml").read_text() == saved and [r["step"] for r in timeless(run / "metrics.jsonl")] == [1, 2]
     assert main(["train", "--config", config, "--max_steps", "4", "--resume_from_checkpoint", "latest",
-                 "--logging_steps", "2", "--torch_compile", "false"]) == 0
+                 "--logging_steps", "2", "--torch_compile", "false", "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "4"]) == 0  # the same 8 pairs a step, split otherwise
     err = capsys.readouterr().err
-    assert "resuming checkpoint-2 with changed settings: max_steps 2 -> 4, torch_compile \"auto\" -> false, " \
+    assert "resuming checkpoint-2 with changed settings: per_device_train_batch_size 4 -> 2, " \
+           "gradient_accumulation_steps 2 -> 4, max_steps 2 -> 4, torch_compile \"auto\" -> false, " \
            "logging_steps 1 -> 2" in err, err
     assert [r["step"] for r in timeless(run / "metrics.jsonl")] == [1, 2, 4]  # logged every second step now
 

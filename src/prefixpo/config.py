@@ -132,5 +132,6 @@ def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[
     return configs
 
 
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+def save_config(config: TrainConfig, path: str | Path, **extra: Any) -> None:
+    """``config`` as YAML (and ``extra`` keys, e.g. a checkpoint's ``world_size``)."""
+    Path(path).write_text(yaml.safe_dump({**dataclasses.asdict(config), **extra}, sort_keys=False))

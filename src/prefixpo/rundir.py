@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from prefixpo.checkpoint import checkpoint_step, list_checkpoints
+from prefixpo.checkpoint import STATE_FILE, checkpoint_step, list_checkpoints
 from prefixpo.errors import ConfigError
 from prefixpo.train_config import TrainConfig
 
@@ -48,7 +48,12 @@ RESUME_MAY_CHANGE = frozenset({
     "per_device_eval_batch_size", "eval_dataset", "eval_split", "generate_during_eval", "num_generations",
     "max_new_tokens", "loss_spike_factor", "num_train_epochs", "max_steps", "gradient_checkpointing",
     "activation_offloading", "torch_compile", "torch_compile_dynamic", "torch_compile_mode",
-    "torch_compile_eager_numerics", "attention_backend", "logps_chunk_size"})
+    "torch_compile_eager_numerics", "attention_backend", "logps_chunk_size", "packing", "packing_capacity",
+    "packing_num_buckets", "prefix_sharing",
+    # the batch may be split otherwise (an out-of-memory's fix) if the pairs per step stay: checked apart
+    "per_device_train_batch_size", "gradient_accumulation_steps"})
+PATH_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path", "dataset", "eval_dataset")
+DATA_PLACES = ("num_proc", "cache_dir", "use_cache")  # `data` keys that do not change the data
 LOCK_FILE = ".prefixpo.lock"
 # what a run writes into its output_dir (config.yaml alone is no run: it is written before anything loads)
 RUN_FILES = ("metrics.jsonl", "final", DONE_MARKER, "samples", "curves.png", "config.yaml")
@@ -141,12 +146,22 @@ def resume_changes(cfg: TrainConfig, checkpoint: Path) -> str | None:
         return None
     saved = yaml.safe_load(saved_path.read_text()) or {}
     now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    changed = [k for k in now if k in saved and not _same(k, saved[k], now[k])]
 
     def shown(keys: list[str]) -> str:
         return ", ".join(f"{k} {_short(saved[k])} -> {_short(now[k])}" for k in keys)
 
     refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    pairs = {name: c["per_device_train_batch_size"] * c["gradient_accumulation_steps"] * w
+             for name, c, w in (("saved", saved, saved.get("world_size", 1)), ("now", now, world))}
+    if pairs["saved"] != pairs["now"]:
+        raise ConfigError(
+            f"resume_from_checkpoint {checkpoint.name}: the checkpoint's run trained {pairs['saved']} pairs a step "
+            f"(per_device_train_batch_size x gradient_accumulation_steps x {saved.get('world_size', 1)} processes), "
+            f"this config {pairs['now']} ({now['per_device_train_batch_size']} x {now['gradient_accumulation_steps']} "
+            f"x {world}); keep the pairs per step (e.g. a smaller batch with more accumulation), or start a new run "
+            f"from its weights in another output_dir (model_name_or_path: {checkpoint})")
     if refused:
         raise ConfigError(
             f"resume_from_checkpoint {checkpoint.name}: this config changes what the checkpoint's run trained "
@@ -154,6 +169,18 @@ def resume_changes(cfg: TrainConfig, checkpoint: Path) -> str | None:
             f"weights in another output_dir (model_name_or_path: {checkpoint})")
     noted = [k for k in changed if k not in ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")]
     return f"resuming {checkpoint.name} with changed settings: {shown(noted)}" if noted else None
+
+
+def _same(key: str, saved: Any, now: Any) -> bool:
+    """Whether a key's saved and current values mean the same run: a local path given relative one
+    time and absolute the other is the same path; where the data is cached is not the data."""
+    if key in PATH_KEYS and isinstance(saved, str) and isinstance(now, str) and os.path.exists(saved) \
+            and os.path.exists(now):
+        return os.path.realpath(saved) == os.path.realpath(now)
+    if key == "data" and isinstance(saved, dict) and isinstance(now, dict):
+        return {k: v for k, v in saved.items() if k not in DATA_PLACES} == \
+            {k: v for k, v in now.items() if k not in DATA_PLACES}
+    return saved == now
 
 
 def _short(value: Any) -> str:
@@ -177,8 +204,9 @@ def plan_stage(cfg: TrainConfig, continuing: bool = False) -> StagePlan:
         path = Path(resume)
         if not path.exists() and (Path(out) / resume).is_dir():  # a bare checkpoint name: in output_dir
             path = Path(out) / resume
-        later = [c.name for c in state.checkpoints if path.parent.resolve() == Path(out).resolve()
-                 and checkpoint_step(c) > (checkpoint_step(path) or 0)]
+        step = checkpoint_step(path) if (path / STATE_FILE).is_file() else None  # else: check_stages names it
+        later = [c.name for c in state.checkpoints if step is not None
+                 and path.parent.resolve() == Path(out).resolve() and (checkpoint_step(c) or 0) > step]
         if later:
             raise ConfigError(f"resume_from_checkpoint {path.name}: {out} holds later checkpoints ({', '.join(later)}) "
                               "of the run this resume would replace, which `latest` would pick up again; move or "

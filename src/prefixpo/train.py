@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     from prefixpo.data.errors import DataError
     from prefixpo.guards import TrainingError
     from prefixpo.plot import plot_quietly
-    from prefixpo.trainer import train_stage
+    from prefixpo.trainer import STAGES_ENDED, train_stage
 
+    STAGES_ENDED.clear()  # the stages of this command only (a notebook may run several)
     try:
         for cfg, plan in zip(stages, plans):
             if plan.note:

@@ -347,7 +347,7 @@ class TrainConfig:
                 "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
                 "on_bad_row": self.on_bad_row, "num_proc": self.dataset_num_proc, "seed": self.seed,
                 # SFT trains each group's first response: rows merged by prompt would lose the others'
-                **({"merge_prompts": False} if self.stage == "sft" else {}), **self.data}
+                **({"merge_prompts": False, "pairs": False} if self.stage == "sft" else {}), **self.data}
 
     def data_sources(self, evaluation: bool = False) -> list[Any]:
         """The ``DataConfig`` of each train (or eval) dataset: the defaults, then its own keys."""

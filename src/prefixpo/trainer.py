@@ -517,7 +517,7 @@ def save(run: Run, at_step: int) -> Path:
     if run.main:
         with written_whole(tmp, run.last_saved):
             save_model(run.engine.inner(), run.tokenizer, start_checkpoint(run.out, at_step), state_dict=weights)
-            save_config(run.cfg, tmp / RUN_CONFIG)  # what a resume is checked against
+            save_config(run.cfg, tmp / RUN_CONFIG, world_size=run.accelerator.num_processes)  # a resume's check
             if run.sync is not None:
                 run.sync.save(tmp, ref_weights)
     run.accelerator.wait_for_everyone()  # the temporary directory exists

@@ -89,9 +89,16 @@ def too_big_for_memory(name: str, config: Any) -> str | None:
     a parameter), or None. Counted on the meta device, without allocating."""
     import os
 
-    with torch.device("meta"):
-        params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
-    need, have = 20 * params, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with contextlib.suppress(OSError, ValueError):  # a container's limit (cgroup v2), where it is lower
+            limit = open("/sys/fs/cgroup/memory.max").read().strip()
+            have = min(have, int(limit)) if limit.isdigit() else have
+    except Exception:  # a model the meta device cannot build, a system without sysconf: no check
+        return None
+    need = 20 * params
     if need <= 0.8 * have:
         return None
     return (f"{name} has {params / 1e9:.1f}B parameters: on the CPU its benchmark needs about {need / 2**30:.0f} GiB "

@@ -44,6 +44,9 @@ class DataConfig:
       become one group with all their responses and exactly their pairs (``data/merge.py``).
     - ``preference_column``: which id column names the preferred response in PKU-SafeRLHF style
       data (default ``better_response_id``; e.g. ``safer_response_id``).
+    - ``pairs``: the responses are compared in pairs (preference training), so a row whose
+      responses truncation makes identical is filtered; false for SFT, which trains each group's
+      first response.
     """
 
     dataset: str
@@ -67,6 +70,7 @@ class DataConfig:
     use_cache: bool = True
     merge_prompts: bool = True
     preference_column: str | None = None
+    pairs: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, message: str) -> BadDataValue:

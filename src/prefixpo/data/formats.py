@@ -67,11 +67,17 @@ def resolve_columns(columns: list[str], fmt: str, column_map: dict[str, str]) ->
     >>> resolve_columns(["q", "good", "bad"], "auto", {"prompt": "q", "chosen": "good", "rejected": "bad"})[0]
     'explicit'
     """
-    missing = {canon: actual for canon, actual in column_map.items() if actual not in columns}
-    if missing:  # a mapping that names no column is a mistake, whether or not detection needs it
-        raise DataError("; ".join(f"column_map maps {canon!r} to {actual!r}, which is not a column"
-                                  for canon, actual in missing.items())
-                        + f" (the columns are {columns}); map to one of them, or leave the name out")
+    def check_mapping(found_format: str) -> None:
+        """A mapping to a column the data lacks is a mistake even where the found format does not
+        use the name (a prompt on implicit-prompt data), within the found format's kind (preference
+        or SFT: one column_map may serve the stages of both)."""
+        family = {"sft"} if found_format == "sft" else set(COLUMNS) - {"sft"}
+        names = {c for f in family for req in COLUMNS[f] for c in req} | set(OPTIONAL)
+        missing = {canon: actual for canon, actual in column_map.items() if actual not in columns and canon in names}
+        if missing:
+            raise DataError("; ".join(f"column_map maps {canon!r} to {actual!r}, which is not a column"
+                                      for canon, actual in missing.items())
+                            + f" (the columns are {columns}); map to one of them, or leave the name out")
 
     def lookup(name: str) -> str | None:
         if name in column_map:
@@ -83,6 +89,7 @@ def resolve_columns(columns: list[str], fmt: str, column_map: dict[str, str]) ->
         for required in alternatives:
             found = {c: lookup(c) for c in required}
             if all(found.values()):
+                check_mapping(name)
                 found.update({c: lookup(c) for c in OPTIONAL if lookup(c)})
                 return name, found  # type: ignore[return-value]
     wanted = sorted({c for alts in candidates.values() for req in alts for c in req})
@@ -91,6 +98,9 @@ def resolve_columns(columns: list[str], fmt: str, column_map: dict[str, str]) ->
         close = difflib.get_close_matches(c, wanted, n=1, cutoff=0.6)
         if close and close[0] not in columns:
             hints.append(f"column {c!r} looks like {close[0]!r}: pass column_map={{{close[0]!r}: {c!r}}}")
+    for canon, actual in column_map.items():
+        if actual not in columns:
+            hints.append(f"column_map maps {canon!r} to {actual!r}, which is not a column")
     what = "detect the format" if fmt == "auto" else f"read format {fmt!r}"
     needs = "; ".join(f"{n}: " + " or ".join("+".join(r) for r in alts) for n, alts in candidates.items())
     raise DataError(f"cannot {what} from columns {columns}. Needed columns, by format: {needs}"

@@ -208,7 +208,7 @@ def process_batch(batch: dict[str, list[Any]], fmt: str, cols: dict[str, str], c
             if isinstance(t, RowError):
                 raise t
             prompt, responses, cut = truncate(t[0], t[1], cfg.max_length, cfg.max_prompt_length,
-                                              cfg.truncation, info.bos_token_id)
+                                              cfg.truncation, info.bos_token_id, cfg.pairs)
             results.append(_result(row_number, "ok", None, prompt, responses, p.scores, cut, p.pairs, mode))
         except RowError as e:
             results.append(_result(row_number, "filtered" if isinstance(e, RowFiltered) else "bad", e))

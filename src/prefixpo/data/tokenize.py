@@ -249,12 +249,13 @@ def _split_template(prompt_text: str, full_texts: list[str], prompt_ids: list[in
 
 
 def truncate(prompt: list[int], responses: list[list[int]], max_length: int | None,
-             max_prompt_length: int | None, mode: str, bos_id: int | None = None,
+             max_prompt_length: int | None, mode: str, bos_id: int | None = None, pairs: bool = True,
              ) -> tuple[list[int], list[list[int]], bool]:
     """Apply the length limits; returns ``(prompt, responses, truncated)``.
 
     ``keep_end`` keeps the end of a long prompt (and its leading BOS), ``keep_start`` its start;
-    responses keep their start. ``drop`` raises ``RowFiltered``, ``error`` a ``RowError``.
+    responses keep their start. ``drop`` raises ``RowFiltered``, ``error`` a ``RowError``. With
+    ``pairs`` (preference data), responses that differ only past ``max_length`` raise ``RowFiltered``.
 
     >>> truncate([1, 5, 6, 7, 8], [[9, 9, 9]], max_length=6, max_prompt_length=3, mode="keep_end", bos_id=1)
     ([1, 7, 8], [[9, 9, 9]], True)
@@ -283,7 +284,7 @@ def truncate(prompt: list[int], responses: list[list[int]], max_length: int | No
             raise RowError("too_long", "prompt", f"the prompt has {len(prompt)} tokens, leaving no room for a "
                            f"response within max_length={max_length}", "set max_prompt_length below max_length")
         responses = [r[:max_length - len(prompt)] for r in responses]
-        if len({tuple(r) for r in responses}) < len(responses):  # they differ only past the limit
+        if pairs and len({tuple(r) for r in responses}) < len(responses):  # they differ only past the limit
             raise RowFiltered("identical_when_truncated", "responses",
                               f"the responses are identical within max_length={max_length} (they differ after it), "
                               "so the pair teaches nothing; raise max_length to keep the row")
