@@ -81,9 +81,9 @@ def test_existing_single_dataset_configs_resolve_as_before():
     for stage in load_stages(ROOT / "examples" / "quickstart.yaml"):
         [cfg] = stage.data_sources()
         # the quickstart's `data: {use_chat_template: true}` reaches every stage's dataset; an SFT stage
-        # does not merge rows by prompt (it trains each group's first response)
+        # does not merge rows by prompt nor compare responses in pairs (it trains each group's first response)
         assert cfg == DataConfig(stage.dataset, split="train", max_length=64, seed=0, use_chat_template=True,
-                                 merge_prompts=stage.stage != "sft")
+                                 merge_prompts=stage.stage != "sft", pairs=stage.stage != "sft")
 
 
 def test_labels_name_split_subset_and_repeats():
