@@ -189,6 +189,13 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def locate_checkpoint(spec: str, output_dir: str | Path) -> Path:
+    """The directory ``spec`` names: itself, or for a bare name that is not a path here
+    (``checkpoint-40``), that directory in ``output_dir``."""
+    path = Path(spec)
+    return Path(output_dir) / spec if not path.exists() and (Path(output_dir) / spec).is_dir() else path
+
+
 def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     """``latest`` (the newest finished checkpoint in ``output_dir``) or a checkpoint directory."""
     if spec == "latest":
@@ -196,9 +203,7 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
         if not found:
             raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir} holds no finished checkpoint")
         return found[-1]
-    path = Path(spec)
-    if not path.exists() and (output_dir / spec).is_dir():  # a bare checkpoint name
-        path = output_dir / spec
+    path = locate_checkpoint(spec, output_dir)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a prefixpo checkpoint (no {STATE_FILE})")
     return path

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -149,8 +150,6 @@ def precompute_reference(reference: nn.Module, groups: Sequence[Group], cache_pa
     world = accelerator.num_processes if accelerator is not None else 1
     found = cache_path.is_file()
     if world > 1:
-        from accelerate.utils import gather_object
-
         views = gather_object([(found, cache_path.name, len(groups))])
         if len({view[1:] for view in views}) > 1:  # each share would land on another rank's groups
             raise TrainingError("the processes hold different data for the precomputed reference (cache entries "
@@ -159,15 +158,10 @@ def precompute_reference(reference: nn.Module, groups: Sequence[Group], cache_pa
         found = all(view[0] for view in views)
     if found:
         return torch.load(cache_path, weights_only=True)
-    kw = {"batch_size": batch_size, "chunk_size": chunk_size, "share_prefix": share_prefix}
-    if world == 1:
-        out = reference_sums(reference, groups, range(len(groups)), **kw)
-    else:
-        from accelerate.utils import gather_object
-
-        rank = accelerator.process_index
-        mine = reference_sums(reference, groups, range(rank, len(groups), world), **kw)
-        shares = gather_object([(rank, torch.cat(mine) if mine else torch.zeros(0), [len(t) for t in mine])])
+    rank = accelerator.process_index if world > 1 else 0
+    out = reference_sums(reference, groups, range(rank, len(groups), world), batch_size, chunk_size, share_prefix)
+    if world > 1:  # every rank's share, back in the groups' order
+        shares = gather_object([(rank, torch.cat(out) if out else torch.zeros(0), [len(t) for t in out])])
         out = [torch.zeros(0)] * len(groups)
         for r, flat, lengths in shares:
             for i, sums in zip(range(r, len(groups), world), flat.split(lengths)):

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from prefixpo.checkpoint import STATE_FILE, checkpoint_step, list_checkpoints
+from prefixpo.checkpoint import STATE_FILE, checkpoint_step, list_checkpoints, locate_checkpoint
 from prefixpo.errors import ConfigError
 from prefixpo.train_config import TrainConfig
 
@@ -53,7 +53,6 @@ RESUME_MAY_CHANGE = frozenset({
     # the batch may be split otherwise (an out-of-memory's fix) if the pairs per step stay: checked apart
     "per_device_train_batch_size", "gradient_accumulation_steps"})
 PATH_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path", "dataset", "eval_dataset")
-DATA_PLACES = ("num_proc", "cache_dir", "use_cache")  # `data` keys that do not change the data
 LOCK_FILE = ".prefixpo.lock"
 # what a run writes into its output_dir (config.yaml alone is no run: it is written before anything loads)
 RUN_FILES = ("metrics.jsonl", "final", DONE_MARKER, "samples", "curves.png", "config.yaml")
@@ -178,8 +177,10 @@ def _same(key: str, saved: Any, now: Any) -> bool:
             and os.path.exists(now):
         return os.path.realpath(saved) == os.path.realpath(now)
     if key == "data" and isinstance(saved, dict) and isinstance(now, dict):
-        return {k: v for k, v in saved.items() if k not in DATA_PLACES} == \
-            {k: v for k, v in now.items() if k not in DATA_PLACES}
+        from prefixpo.data.config import NOT_THE_DATA  # (prefixpo.data loads datasets: on resume only)
+
+        return {k: v for k, v in saved.items() if k not in NOT_THE_DATA} == \
+            {k: v for k, v in now.items() if k not in NOT_THE_DATA}
     return saved == now
 
 
@@ -201,12 +202,10 @@ def plan_stage(cfg: TrainConfig, continuing: bool = False) -> StagePlan:
                               "another output_dir")
         return StagePlan("start", clear=state.holds_run)
     if resume not in ("latest", "auto"):
-        path = Path(resume)
-        if not path.exists() and (Path(out) / resume).is_dir():  # a bare checkpoint name: in output_dir
-            path = Path(out) / resume
+        path = locate_checkpoint(resume, out)
         step = checkpoint_step(path) if (path / STATE_FILE).is_file() else None  # else: check_stages names it
-        later = [c.name for c in state.checkpoints if step is not None
-                 and path.parent.resolve() == Path(out).resolve() and (checkpoint_step(c) or 0) > step]
+        beside = step is not None and path.parent.resolve() == Path(out).resolve()
+        later = [c.name for c in state.checkpoints if beside and checkpoint_step(c) > step]
         if later:
             raise ConfigError(f"resume_from_checkpoint {path.name}: {out} holds later checkpoints ({', '.join(later)}) "
                               "of the run this resume would replace, which `latest` would pick up again; move or "

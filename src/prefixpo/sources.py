@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from prefixpo.checkpoint import STATE_FILE, list_checkpoints
+from prefixpo.checkpoint import STATE_FILE, list_checkpoints, locate_checkpoint
 from prefixpo.errors import ConfigError
 
 Kind = Literal["model", "tokenizer", "dataset"]
@@ -203,8 +203,7 @@ def check_dataset(value: str, label: str) -> Found:
 def check_checkpoint(value: str, output_dir: str | Path, label: str = "config key `resume_from_checkpoint`") -> None:
     """A ``resume_from_checkpoint`` value: ``latest``, or a finished checkpoint directory (one
     with ``training_state.pt``); the error lists the checkpoints that ``output_dir`` does hold."""
-    if value in ("latest", "auto") or (Path(value) / STATE_FILE).is_file() or \
-            (not Path(value).exists() and (Path(output_dir) / value / STATE_FILE).is_file()):
+    if value in ("latest", "auto") or (locate_checkpoint(value, output_dir) / STATE_FILE).is_file():
         return  # a checkpoint directory, or a bare checkpoint name in output_dir
     held = [p.name for p in list_checkpoints(Path(output_dir))]
     there = f"{output_dir} holds {', '.join(held)} (or use `latest`)" if held else \

@@ -18,9 +18,11 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO, Any
 
 import torch
@@ -87,14 +89,12 @@ def too_big_for_memory(name: str, config: Any) -> str | None:
     """Why the step benchmark of ``config`` cannot run in this machine's memory on the CPU (fp32:
     weights, gradients and Adam's two moments of the policy, and the reference's weights, 20 bytes
     a parameter), or None. Counted on the meta device, without allocating."""
-    import os
-
     try:
         with torch.device("meta"):
             params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        with contextlib.suppress(OSError, ValueError):  # a container's limit (cgroup v2), where it is lower
-            limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        with contextlib.suppress(OSError):  # a container's limit (cgroup v2), where it is lower
+            limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
             have = min(have, int(limit)) if limit.isdigit() else have
     except Exception:  # a model the meta device cannot build, a system without sysconf: no check
         return None

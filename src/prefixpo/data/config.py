@@ -22,6 +22,9 @@ def default_cache_dir() -> str:
     return os.path.join(root, "data")
 
 
+NOT_THE_DATA = ("num_proc", "cache_dir", "use_cache")  # keys that change how the data is read, not what it is
+
+
 @dataclass
 class DataConfig:
     """Where the data is, how to read it and how to tokenize it.
@@ -132,6 +135,6 @@ class DataConfig:
     def cache_options(self) -> dict[str, Any]:
         """The options that change the tokenized output (not the worker count or cache place)."""
         values = self.to_dict()
-        for key in ("num_proc", "cache_dir", "use_cache"):
+        for key in NOT_THE_DATA:
             values.pop(key)
         return values
